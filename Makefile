@@ -1,0 +1,49 @@
+# The single source of commands: README and .ci/run call these targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install services tools run test test-fast test-faults lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+services:
+	@deploy/local-services.sh
+
+# Tools the artifact tests call: promtool (Prometheus rules) and systemd-analyze (the unit).
+tools:
+	@command -v promtool >/dev/null && command -v systemd-analyze >/dev/null || { \
+	  echo "tools: installing promtool and systemd-analyze (Debian packages prometheus, systemd)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus systemd >/dev/null; \
+	  pkill -x prometheus 2>/dev/null || true; }
+
+run: install services
+	$(BIN)/jlm run
+
+lint: install
+	$(BIN)/ruff check daemon tests bench
+	$(BIN)/ruff format --check daemon tests bench
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format daemon tests bench
+	$(BIN)/ruff check --fix daemon tests bench
+
+test: install services tools lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install services
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install services
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info daemon/*.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from jlm.cli import main
+
+sys.exit(main())

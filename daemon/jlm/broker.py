@@ -1,0 +1,313 @@
+"""The RabbitMQ side: connection with fail-over, topology, the confirmed publisher, the consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from aiormq.exceptions import AMQPError, DeliveryError, PublishError
+from pamqp.commands import Basic
+
+from jlm.config import Settings, redact_url
+from jlm.errors import Unavailable
+from jlm.metrics import Metrics
+from jlm.protocol import JobMessage
+from jlm.provenance import Event
+
+log = logging.getLogger(__name__)
+
+REQUESTS = "jlm.requests"
+JOBS = "jlm.jobs"
+EVENTS = "jlm.events"
+PROVENANCE = "jlm.provenance"
+DEAD = "jlm.dead"
+JSON = "application/json"
+
+Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(
+        cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+    )
+    if settings.tls_cert_file:
+        ctx.load_cert_chain(
+            str(settings.tls_cert_file),
+            str(settings.tls_key_file) if settings.tls_key_file else None,
+        )
+    if not settings.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def connect_first(settings: Settings, name: str) -> AbstractConnection:
+    """Connect to the first node of JLM_AMQP_URL that answers."""
+    errors = []
+    for url in settings.amqp_urls:
+        try:
+            kwargs: dict[str, Any] = {
+                "timeout": 5,
+                "client_properties": {"connection_name": name},
+            }
+            if url.startswith("amqps://"):
+                kwargs["ssl_context"] = tls_context(settings)
+            sep = "&" if "?" in url else "?"
+            full = url if "heartbeat=" in url else f"{url}{sep}heartbeat={settings.heartbeat}"
+            conn: AbstractConnection = await aio_pika.connect(full, **kwargs)
+            log.info("connected to %s", redact_url(url))
+            return conn
+        except (AMQPError, OSError, TimeoutError) as exc:
+            errors.append(f"{redact_url(url)}: {type(exc).__name__}: {_safe(exc)}")
+    raise Unavailable("rabbitmq: no node answered (" + "; ".join(errors) + ")", "rabbitmq")
+
+
+def _safe(exc: BaseException) -> str:
+    return redact_url(str(exc))[:200]
+
+
+def request_queue_arguments(settings: Settings) -> dict[str, Any]:
+    args: dict[str, Any] = {"x-dead-letter-exchange": DEAD}
+    if settings.requests_queue_type == "quorum":
+        args["x-queue-type"] = "quorum"
+        args["x-delivery-limit"] = settings.requests_delivery_limit
+    return args
+
+
+class Broker:
+    """One AMQP session: consume channel, confirmed publish channel, reply channel."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self.connection: AbstractConnection | None = None
+        self._consume_ch: AbstractChannel | None = None
+        self._publish_ch: AbstractChannel | None = None
+        self._reply_ch: AbstractChannel | None = None
+        self._jobs: AbstractExchange | None = None
+        self._events: AbstractExchange | None = None
+        self._dead: AbstractExchange | None = None
+        self._requests: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._declared: set[str] = set()
+        self._declare_lock = asyncio.Lock()
+        self.closed = asyncio.Event()
+
+    async def open(self) -> None:
+        conn = await connect_first(self._settings, "jlm daemon")
+        self.connection = conn
+        conn.close_callbacks.add(lambda *_: self.closed.set())
+        try:
+            self._consume_ch = await conn.channel(publisher_confirms=False)
+            await self._consume_ch.set_qos(prefetch_count=self._settings.prefetch)
+            self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            self._reply_ch = await conn.channel(publisher_confirms=False)
+            await self.declare_topology()
+        except (AMQPError, OSError) as exc:
+            await self.close()
+            raise Unavailable(f"rabbitmq: {type(exc).__name__}: {_safe(exc)}", "rabbitmq") from exc
+
+    async def declare_topology(self) -> None:
+        """Idempotent declarations of every fixed name of the contract."""
+        ch = self._publish_ch
+        assert ch is not None
+        assert self._consume_ch is not None
+        s = self._settings
+        durable = True
+        requests_x = await ch.declare_exchange(
+            REQUESTS, aio_pika.ExchangeType.TOPIC, durable=durable
+        )
+        self._jobs = await ch.declare_exchange(JOBS, aio_pika.ExchangeType.DIRECT, durable=durable)
+        self._events = await ch.declare_exchange(
+            EVENTS, aio_pika.ExchangeType.TOPIC, durable=durable
+        )
+        self._dead = await ch.declare_exchange(DEAD, aio_pika.ExchangeType.FANOUT, durable=durable)
+        dead_q = await ch.declare_queue(DEAD, durable=durable)
+        await dead_q.bind(self._dead, routing_key="")
+        prov = await ch.declare_queue(
+            PROVENANCE,
+            durable=durable,
+            arguments={
+                "x-queue-type": "stream",
+                "x-max-age": s.provenance_max_age,
+                "x-max-length-bytes": s.provenance_max_bytes,
+            },
+        )
+        await prov.bind(self._events, routing_key="#")
+        self._requests = await self._consume_ch.declare_queue(
+            REQUESTS,
+            durable=durable,
+            arguments=request_queue_arguments(s),
+        )
+        await self._requests.bind(requests_x, routing_key="#")
+
+    async def ensure_job_queue(self, queue: str, job_type: str) -> None:
+        """Declare a job queue (priority 1..10) and its binding once per session."""
+        if queue in self._declared:
+            return
+        async with self._declare_lock:
+            if queue in self._declared:
+                return
+            assert self._publish_ch is not None
+            assert self._jobs is not None
+            try:
+                q = await self._publish_ch.declare_queue(
+                    queue,
+                    durable=True,
+                    arguments={"x-max-priority": 10},
+                )
+                await q.bind(self._jobs, routing_key=job_type)
+            except (AMQPError, OSError) as exc:
+                raise Unavailable(f"rabbitmq: declaring {queue}: {_safe(exc)}", "rabbitmq") from exc
+            self._declared.add(queue)
+
+    async def consume(self, callback: Callback) -> None:
+        assert self._requests is not None
+        self._consumer_tag = await self._requests.consume(callback, no_ack=False)
+
+    async def stop_consuming(self) -> None:
+        if self._requests is not None and self._consumer_tag is not None:
+            tag, self._consumer_tag = self._consumer_tag, None
+            try:
+                await self._requests.cancel(tag)
+            except (AMQPError, OSError, RuntimeError) as exc:
+                log.debug("cancel consumer: %s", exc)
+
+    @property
+    def consuming(self) -> bool:
+        return (
+            self._consumer_tag is not None
+            and self._consume_ch is not None
+            and not self._consume_ch.is_closed
+            and not self.closed.is_set()
+        )
+
+    async def _confirmed(
+        self,
+        exchange: AbstractExchange,
+        message: aio_pika.Message,
+        routing_key: str,
+        mandatory: bool,
+    ) -> None:
+        try:
+            confirm = await exchange.publish(message, routing_key, mandatory=mandatory)
+        except PublishError as exc:
+            # Returned: nothing is bound for it (e.g. the job queue was deleted). Forget the
+            # declaration so that the retry declares it again.
+            self._declared.clear()
+            raise Unavailable(
+                f"rabbitmq: unroutable message to {exchange.name}/{routing_key}",
+                "rabbitmq",
+            ) from exc
+        except (DeliveryError, AMQPError, OSError, RuntimeError) as exc:
+            raise Unavailable(f"rabbitmq: publish failed: {_safe(exc)}", "rabbitmq") from exc
+        if not isinstance(confirm, Basic.Ack):
+            raise Unavailable(
+                f"rabbitmq: broker refused a message to {exchange.name}/{routing_key}",
+                "rabbitmq",
+            )
+
+    async def publish_decision(
+        self, job: JobMessage | None, queue: str | None, events: list[Event]
+    ) -> None:
+        """Publish a decision's job message and events; return once the broker confirmed all."""
+        assert self._jobs is not None
+        assert self._events is not None
+        started = time.perf_counter()
+        pending = []
+        if job is not None:
+            assert queue is not None
+            await self.ensure_job_queue(queue, job.job_type)
+            msg = aio_pika.Message(
+                orjson.dumps(job.body()),
+                content_type=JSON,
+                message_id=job.job_id,
+                priority=job.priority,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=None,
+            )
+            pending.append(self._confirmed(self._jobs, msg, job.job_type, True))
+        for event in events:
+            msg = aio_pika.Message(
+                orjson.dumps(event.body()),
+                content_type=JSON,
+                message_id=event.provenance_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                type=event.type,
+            )
+            pending.append(self._confirmed(self._events, msg, event.type, True))
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self._metrics.publish_confirm_duration.observe(time.perf_counter() - started)
+
+    async def dead_letter(self, message: AbstractIncomingMessage, code: str, reason: str) -> None:
+        """Copy a rejected request, body intact, to jlm.dead with the reason in its headers."""
+        assert self._dead is not None
+        headers = dict(message.headers or {})
+        headers.update(
+            {
+                "x-jlm-error": code,
+                "x-jlm-error-message": reason[:1000],
+                "x-jlm-operation": (message.routing_key or "")[:255],
+                "x-jlm-rejected-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        msg = aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            type=message.type,
+        )
+        await self._confirmed(self._dead, msg, message.routing_key or "", False)
+
+    async def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
+        """Answer on the default exchange; a caller that went away is not an error."""
+        assert self._reply_ch is not None
+        msg = aio_pika.Message(orjson.dumps(body), content_type=JSON, correlation_id=correlation_id)
+        try:
+            await self._reply_ch.default_exchange.publish(msg, reply_to, mandatory=False)
+        except (AMQPError, OSError, RuntimeError) as exc:
+            log.warning("reply to %s not sent: %s", reply_to[:100], _safe(exc))
+
+    async def queue_depth(self, name: str) -> int | None:
+        """Messages ready in a queue (passive declare on a throw-away channel)."""
+        if self.connection is None or self.closed.is_set():
+            return None
+        try:
+            ch = await self.connection.channel()
+            try:
+                q = await ch.declare_queue(name, passive=True)
+                return q.declaration_result.message_count
+            finally:
+                if not ch.is_closed:
+                    await ch.close()
+        except (AMQPError, OSError, RuntimeError):
+            return None
+
+    async def close(self) -> None:
+        if self.connection is not None and not self.connection.is_closed:
+            try:
+                await self.connection.close()
+            except (AMQPError, OSError, RuntimeError) as exc:
+                log.debug("close: %s", exc)
+        self.closed.set()

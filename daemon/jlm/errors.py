@@ -1,0 +1,78 @@
+"""The error hierarchy: each class decides one ack outcome and one metric `outcome`."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Disposition(Enum):
+    """What happens to the request message."""
+
+    ACK = "ack"  # done, or answered with an error that retrying cannot change
+    DEAD_LETTER = "dead_letter"  # can never succeed: answer, dead-letter, record, ack
+    RETRY = "retry"  # a passing cause: keep the message unacked and try again
+
+
+class JlmError(Exception):
+    """Base of every error the daemon answers with."""
+
+    code = "internal"
+    disposition = Disposition.DEAD_LETTER
+    outcome = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class Rejected(JlmError):
+    """A request that can never succeed."""
+
+    disposition = Disposition.DEAD_LETTER
+    outcome = "rejected"
+
+
+class InvalidRequest(Rejected):
+    code = "invalid_request"
+
+
+class UnknownJobType(Rejected):
+    code = "unknown_job_type"
+
+
+class PayloadTooLarge(Rejected):
+    code = "payload_too_large"
+
+
+class UnsupportedOperation(Rejected):
+    code = "unsupported_operation"
+
+
+class Forbidden(Rejected):
+    code = "forbidden"
+
+
+class NotFound(JlmError):
+    """The named job does not exist (or has expired): answered, not dead-lettered."""
+
+    code = "not_found"
+    disposition = Disposition.ACK
+    outcome = "rejected"
+
+
+class Unavailable(JlmError):
+    """A dependency is down or refused the work; the request is retried, never acked."""
+
+    code = "unavailable"
+    disposition = Disposition.RETRY
+    outcome = "error"
+
+    def __init__(self, message: str, dependency: str) -> None:
+        super().__init__(message)
+        self.dependency = dependency
+
+
+class Internal(JlmError):
+    """A defect: answered and dead-lettered so that one bad message cannot loop forever."""
+
+    code = "internal"

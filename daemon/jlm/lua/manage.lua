@@ -1,0 +1,132 @@
+-- manage.lua: one `manage` decision for one dedup scope, atomically.
+--
+-- KEYS[1]  scope hash          fields: job (current job id), at (its requested_at, µs)
+-- KEYS[2]  result hash         fields: job, value (JSON), at
+-- KEYS[3]  request record      string: this decision's facts, replayed for a repeated message_id
+-- KEYS[4]  new job hash
+-- KEYS[5]  new job history     list of JSON entries
+-- ARGV[1]  policy              replace | skip | reuse
+-- ARGV[2]  new job id
+-- ARGV[3]  now                 RFC 3339
+-- ARGV[4]  requested_at        µs since the epoch (now when the request has none)
+-- ARGV[5]  cancel_running      0 | 1
+-- ARGV[6]  record the request  0 | 1 (1 when the request has a message_id)
+-- ARGV[7]  idempotency TTL     seconds
+-- ARGV[8]  job TTL             seconds
+-- ARGV[9]  job key prefix      `<prefix><id>` is a job hash and `<prefix><id>:h` its history;
+--                              same hash tag as KEYS, so those keys share the slot
+-- ARGV[10] job_type   ARGV[11] cache_prefix   ARGV[12] priority   ARGV[13] request id
+-- ARGV[14] provenance id of this decision's event
+-- ARGV[15] cancel channel      workers running a job cancelled here are told on it
+-- ARGV[16] history bound       entries kept per job
+--
+-- Returns {replayed, facts}: replayed is 1 when KEYS[3] already held the facts (nothing changed);
+-- facts is a JSON object: d (enqueued | deduplicated), job, state, prev, prev_state, why
+-- (skip | reuse | stale), stale (pending job cancelled), sup (previous job superseded),
+-- rc (running job cancelled), inv (cache invalidated), result (cached JSON on a reuse hit), at, pid.
+
+if ARGV[6] == '1' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    return {1, seen}
+  end
+end
+
+local now, new_id, prefix = ARGV[3], ARGV[2], ARGV[9]
+local job_ttl, bound = tonumber(ARGV[8]), tonumber(ARGV[16])
+local policy = ARGV[1]
+
+local function note(job_key, state, reason)
+  local h = job_key .. ':h'
+  redis.call('RPUSH', h, cjson.encode({state = state, at = now, reason = reason}))
+  redis.call('LTRIM', h, -bound, -1)
+  redis.call('EXPIRE', h, job_ttl)
+end
+
+local cur = redis.call('HMGET', KEYS[1], 'job', 'at')
+local cur_id, cur_state = cur[1], false
+if cur_id then
+  cur_state = redis.call('HGET', prefix .. cur_id, 'state')
+  if not cur_state then
+    cur_id = false  -- the job expired: the scope is free
+  end
+end
+
+local f = {at = now, pid = ARGV[14]}
+local live = cur_state == 'pending' or cur_state == 'running'
+if cur_id then
+  f.prev = cur_id
+  f.prev_state = cur_state
+end
+
+local function finish()
+  local facts = cjson.encode(f)
+  if ARGV[6] == '1' then
+    redis.call('SET', KEYS[3], facts, 'EX', ARGV[7])
+  end
+  return {0, facts}
+end
+
+local function dedup(job_id, state, why)
+  f.d, f.job, f.state, f.why = 'deduplicated', job_id, state, why
+  return finish()
+end
+
+-- A request older than the scope's current job never supersedes it.
+if cur_id and tonumber(ARGV[4]) < tonumber(cur[2] or '0') then
+  return dedup(cur_id, cur_state, 'stale')
+end
+
+if policy == 'reuse' then
+  local r = redis.call('HMGET', KEYS[2], 'job', 'value')
+  if r[1] then
+    f.result = r[2]
+    return dedup(r[1], redis.call('HGET', prefix .. r[1], 'state') or 'succeeded', 'reuse')
+  end
+end
+if (policy == 'skip' or policy == 'reuse') and live then
+  return dedup(cur_id, cur_state, 'skip')
+end
+
+-- Enqueue a new job, superseding the current one.
+local inv = false
+if cur_id then
+  local old = prefix .. cur_id
+  if cur_state == 'pending' then
+    redis.call('HSET', old, 'state', 'cancelled', 'superseded_by', new_id, 'updated_at', now,
+      'cancel_reason', 'superseded')
+    note(old, 'cancelled', 'superseded by ' .. new_id)
+    f.stale, f.sup = true, true
+  elseif cur_state == 'running' then
+    redis.call('HSET', old, 'superseded_by', new_id, 'updated_at', now)
+    f.sup = true
+    if ARGV[5] == '1' then
+      redis.call('HSET', old, 'state', 'cancelled', 'cancel_requested', now,
+        'cancel_reason', 'superseded')
+      note(old, 'cancelled', 'superseded by ' .. new_id .. ' (cancel_running)')
+      redis.call('PUBLISH', ARGV[15], cur_id)
+      f.rc = true
+    else
+      note(old, 'running', 'superseded by ' .. new_id)
+    end
+  end
+  redis.call('EXPIRE', old, job_ttl)
+  if policy == 'replace' then
+    inv = true
+  end
+end
+if policy == 'replace' and redis.call('DEL', KEYS[2]) == 1 then
+  inv = true
+end
+f.inv = inv
+
+redis.call('HSET', KEYS[4], 'state', 'pending', 'job_type', ARGV[10], 'cache_prefix', ARGV[11],
+  'priority', ARGV[12], 'created_at', now, 'updated_at', now, 'attempt', 0,
+  'request_id', ARGV[13], 'requested_at', ARGV[4])
+redis.call('EXPIRE', KEYS[4], job_ttl)
+note(KEYS[4], 'pending', 'enqueued')
+redis.call('HSET', KEYS[1], 'job', new_id, 'at', ARGV[4])
+redis.call('EXPIRE', KEYS[1], job_ttl)
+
+f.d, f.job, f.state = 'enqueued', new_id, 'pending'
+return finish()

@@ -1,0 +1,271 @@
+"""Prometheus collectors and the small HTTP server for /metrics, /healthz and /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from jlm import __version__
+
+# `_created` series double every counter for no reader we have.
+disable_created_metrics()
+
+log = logging.getLogger(__name__)
+
+OTHER = "other"
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    """Every collector the daemon and the worker SDK export, built on one injected registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, max_job_types: int = 100) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._max_job_types = max_job_types
+        self._job_types: set[str] = set()
+        r = self.registry
+        self.requests = Counter(
+            "jlm_requests",
+            "Requests handled, by operation and outcome.",
+            ["op", "outcome"],
+            registry=r,
+        )
+        self.jobs_enqueued = Counter(
+            "jlm_jobs_enqueued",
+            "Jobs accepted and published to a job queue.",
+            ["job_type", "priority"],
+            registry=r,
+        )
+        self.jobs_superseded = Counter(
+            "jlm_jobs_superseded",
+            "Jobs replaced by a newer job of their scope.",
+            ["job_type"],
+            registry=r,
+        )
+        self.jobs_deduplicated = Counter(
+            "jlm_jobs_deduplicated",
+            "Requests answered with an existing job or cached result.",
+            ["job_type", "policy"],
+            registry=r,
+        )
+        self.jobs_cancelled = Counter(
+            "jlm_jobs_cancelled",
+            "Jobs cancelled, by reason.",
+            ["job_type", "reason"],
+            registry=r,
+        )
+        self.cache_invalidations = Counter(
+            "jlm_cache_invalidations",
+            "Scope results invalidated.",
+            ["job_type"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "jlm_request_duration_seconds",
+            "From delivery to ack, by operation.",
+            ["op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge("jlm_inflight_requests", "Requests being handled now.", registry=r)
+        self.dependency_up = Gauge(
+            "jlm_dependency_up",
+            "1 while the dependency answers.",
+            ["dependency"],
+            registry=r,
+        )
+        self.build_info = Gauge("jlm_build_info", "The running version.", ["version"], registry=r)
+        self.build_info.labels(version=__version__).set(1)
+        self.dead_lettered = Counter(
+            "jlm_dead_lettered",
+            "Requests dead-lettered to jlm.dead, by error code.",
+            ["code"],
+            registry=r,
+        )
+        self.redis_script_duration = Histogram(
+            "jlm_redis_script_duration_seconds",
+            "Redis script round trips, by script.",
+            ["script"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.publish_confirm_duration = Histogram(
+            "jlm_publish_confirm_duration_seconds",
+            "From publish to broker confirm, for the job messages and events of one decision.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "jlm_request_retries",
+            "Request steps retried after a passing failure, by dependency.",
+            ["dependency"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "jlm_queue_messages",
+            "Messages ready in a queue the daemon owns (sampled).",
+            ["queue"],
+            registry=r,
+        )
+        self.ready = Gauge("jlm_ready", "1 while /readyz answers 200.", registry=r)
+        # Worker side (the SDK exports the same names from its own process).
+        self.jobs_claimed = Counter(
+            "jlm_jobs_claimed",
+            "Jobs claimed by a worker.",
+            ["job_type"],
+            registry=r,
+        )
+        self.jobs_skipped = Counter(
+            "jlm_jobs_skipped",
+            "Job messages a worker acked without running (cancelled, superseded, finished).",
+            ["job_type", "reason"],
+            registry=r,
+        )
+        self.jobs_finished = Counter(
+            "jlm_jobs_finished",
+            "Jobs that reached a final state in a worker.",
+            ["job_type", "state"],
+            registry=r,
+        )
+        self.jobs_recovered = Counter(
+            "jlm_jobs_recovered",
+            "Jobs whose worker was lost, run again or failed.",
+            ["job_type", "outcome"],
+            registry=r,
+        )
+        self.zombie_completions = Counter(
+            "jlm_zombie_completions",
+            "Late results of superseded or cancelled jobs, refused.",
+            ["job_type"],
+            registry=r,
+        )
+        self.cancel_latency = Histogram(
+            "jlm_cancel_latency_seconds",
+            "From cancellation asked to the handler stopped.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.handlers_abandoned = Counter(
+            "jlm_handlers_abandoned",
+            "Handlers that ignored cancellation past the grace period.",
+            ["job_type"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "jlm_job_duration_seconds",
+            "Handler run time, by job type and final state.",
+            ["job_type", "state"],
+            buckets=(*_LATENCY_BUCKETS, 10.0, 30.0, 60.0, 300.0),
+            registry=r,
+        )
+
+    def job_type_label(self, job_type: str) -> str:
+        """Bound the label's cardinality: the first `max_job_types` names, then `other`."""
+        if job_type in self._job_types:
+            return job_type
+        if len(self._job_types) < self._max_job_types:
+            self._job_types.add(job_type)
+            return job_type
+        return OTHER
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass
+class HealthState:
+    """What /readyz reports: the sum of named checks, each set by the part that knows."""
+
+    checks: dict[str, bool] = field(default_factory=dict)
+
+    def set(self, name: str, ok: bool) -> None:
+        self.checks[name] = ok
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.checks) and all(self.checks.values())
+
+
+class HttpServer:
+    """A minimal HTTP/1.1 server: three GET routes need no framework."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: HealthState,
+        host: str,
+        port: int,
+        on_scrape: Callable[[], None] | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._health = health
+        self._host = host
+        self._port = port
+        self._on_scrape = on_scrape
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        log.info("metrics and health on http://%s:%d", self._host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            method, path = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
+            status, ctype, body = self._route(method, path)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
+        text = "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", text, b"method not allowed\n"
+        if path == "/metrics":
+            if self._on_scrape is not None:
+                self._on_scrape()
+            self._metrics.ready.set(1 if self._health.ready else 0)
+            return "200 OK", CONTENT_TYPE_LATEST, self._metrics.render()
+        if path == "/healthz":
+            return "200 OK", text, b"ok\n"
+        if path == "/readyz":
+            detail = "".join(
+                f"{name} {'ok' if ok else 'down'}\n"
+                for name, ok in sorted(self._health.checks.items())
+            ).encode()
+            if self._health.ready:
+                return "200 OK", text, b"ready\n" + detail
+            return "503 Service Unavailable", text, b"not ready\n" + detail
+        return "404 Not Found", text, b"not found\n"

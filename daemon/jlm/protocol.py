@@ -1,0 +1,192 @@
+"""Wire models: request parsing (strict JSON, limits, schemas), replies and job messages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from jlm.config import NAME_RE, OPERATIONS
+from jlm.errors import InvalidRequest, PayloadTooLarge, UnsupportedOperation
+
+MAX_DEPTH = 32
+MAX_ID_LEN = 256
+
+Name = Annotated[str, StringConstraints(strict=True, pattern=NAME_RE.pattern)]
+JobId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_LEN)]
+Priority = Annotated[int, Field(strict=True, ge=1, le=10)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ManageRequest(_Request):
+    job_type: Name
+    payload: dict[str, Any]
+    cache_prefix: Name = "job"
+    priority: Priority = 5
+    policy: Literal["replace", "skip", "reuse"] | None = None
+    cancel_running: bool = False
+    requested_at: str | None = None
+
+
+class CancelRequest(_Request):
+    job_id: JobId
+    running: bool = False
+
+
+class StatusRequest(_Request):
+    job_id: JobId
+
+
+class ScopeRequest(_Request):
+    job_type: Name
+    cache_prefix: Name = "job"
+
+
+Request = ManageRequest | CancelRequest | StatusRequest | ScopeRequest
+
+_MODELS: dict[str, type[_Request]] = {
+    "manage": ManageRequest,
+    "cancel": CancelRequest,
+    "status": StatusRequest,
+    "invalidate": ScopeRequest,
+    "result": ScopeRequest,
+}
+assert tuple(_MODELS) == OPERATIONS
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in strict JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key[:64]!r}")
+            seen.add(key)
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+
+
+def depth_of(value: Any) -> int:
+    """Nesting depth: a scalar is 0, the top-level object is 1. Iterative, so never recursive."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def decode_json(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """Strict JSON of one object: UTF-8, no NaN/Infinity, no duplicate keys, depth <= 32."""
+    if len(body) > max_bytes:
+        raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {max_bytes}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"body is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError as exc:
+        raise InvalidRequest(f"JSON nesting is deeper than {MAX_DEPTH}") from exc
+    except ValueError as exc:
+        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequest("body must be a JSON object")
+    if depth_of(value) > MAX_DEPTH:
+        raise InvalidRequest(f"JSON nesting is deeper than {MAX_DEPTH}")
+    return value
+
+
+def parse_time(value: str) -> datetime:
+    """RFC 3339 with an explicit offset, returned in UTC."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"requested_at: not an RFC 3339 time: {value[:64]!r}") from exc
+    if parsed.tzinfo is None or "T" not in value.upper():
+        raise InvalidRequest("requested_at: an RFC 3339 time with date, time and offset")
+    return parsed.astimezone(UTC)
+
+
+def _format_validation(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_request(op: str, body: bytes, max_bytes: int) -> Request:
+    """Validate a request of operation `op`; raise a Rejected subclass on any fault."""
+    model = _MODELS.get(op)
+    if model is None:
+        raise UnsupportedOperation(
+            f"unknown operation {op[:64]!r}; use one of {', '.join(OPERATIONS)}"
+        )
+    data = decode_json(body, max_bytes)
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(_format_validation(exc)) from exc
+    if isinstance(request, ManageRequest) and request.requested_at is not None:
+        parse_time(request.requested_at)
+    return request  # type: ignore[return-value]
+
+
+def iso(ts: datetime) -> str:
+    """RFC 3339 UTC with microseconds and a Z."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def micros(ts: datetime) -> int:
+    return int(ts.timestamp()) * 1_000_000 + ts.microsecond
+
+
+def error_reply(code: str, message: str) -> dict[str, Any]:
+    return {"success": False, "error": {"code": code, "message": message}}
+
+
+@dataclass(frozen=True, slots=True)
+class JobMessage:
+    """What goes to `jlm.jobs.<job_type>`."""
+
+    job_id: str
+    job_type: str
+    cache_prefix: str
+    payload: dict[str, Any]
+    priority: int
+    enqueued_at: str
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "job_type": self.job_type,
+            "cache_prefix": self.cache_prefix,
+            "payload": self.payload,
+            "priority": self.priority,
+            "enqueued_at": self.enqueued_at,
+        }
+
+
+OperationName = Literal["manage", "cancel", "status", "invalidate", "result"]

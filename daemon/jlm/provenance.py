@@ -1,0 +1,56 @@
+"""Provenance events: one per decision, published to `jlm.events` and kept in `jlm.provenance`."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from jlm import __version__
+
+AGENT = {"id": "job-lifecycle-manager", "version": __version__}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event; `type` is also its routing key on `jlm.events`."""
+
+    provenance_id: str
+    type: str
+    status: str
+    at: str
+    actor: str | None
+    request_id: str | None
+    job_id: str | None
+    scope: dict[str, str] | None
+    input: Any
+    output: Any
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "provenance_id": self.provenance_id,
+            "type": self.type,
+            "status": self.status,
+            "at": self.at,
+            "agent": AGENT,
+            "actor": self.actor,
+            "request_id": self.request_id,
+            "job_id": self.job_id,
+            "scope": self.scope,
+            "metadata": {"input": self.input, "output": self.output},
+        }
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def derived_id(provenance_id: str, kind: str) -> str:
+    """A stable id for a secondary event of one decision, so a replay republishes the same ids."""
+    return str(uuid.uuid5(uuid.UUID(provenance_id), kind))
+
+
+def scope_of(cache_prefix: str | None, job_type: str | None) -> dict[str, str] | None:
+    if cache_prefix is None or job_type is None:
+        return None
+    return {"cache_prefix": cache_prefix, "job_type": job_type}

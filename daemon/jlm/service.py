@@ -1,0 +1,384 @@
+"""The daemon: lifespan, consume, dispatch in per-scope lanes, retries, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import AMQPError
+
+from jlm import __version__
+from jlm.broker import REQUESTS, Broker
+from jlm.config import OPERATIONS, Settings, redact_url
+from jlm.errors import Disposition, Internal, JlmError, Unavailable
+from jlm.keys import Keys, scope_tag, tag_of_job
+from jlm.lifecycle import Context, Lifecycle, Outcome
+from jlm.metrics import HealthState, HttpServer, Metrics
+from jlm.protocol import CancelRequest, Request, StatusRequest, parse_request
+from jlm.store import Store, connect
+from jlm.systemd import Notifier, watchdog_loop
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SessionLost(Exception):
+    """The AMQP session of a delivery is gone: its message will be redelivered, so stop."""
+
+
+class Service:
+    """One daemon instance."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(max_job_types=settings.file.max_job_types)
+        self.notifier = notifier or Notifier.from_env()
+        self.health = HealthState()
+        self.store = Store(
+            connect(
+                settings.redis_url,
+                cluster=settings.redis_cluster,
+                ca_file=_str(settings.tls_ca_file),
+                cert_file=_str(settings.tls_cert_file),
+                key_file=_str(settings.tls_key_file),
+                verify=settings.tls_verify,
+            ),
+            Keys(settings.redis_namespace),
+            self.metrics,
+        )
+        self.lifecycle = Lifecycle(self.store, settings, self.metrics)
+        host, port = settings.metrics_host_port
+        self.http = HttpServer(self.metrics, self.health, host, port)
+        self.broker: Broker | None = None
+        self.stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._lanes: dict[str, asyncio.Future[None]] = {}
+        self._unready_since: float | None = time.monotonic()
+        self._last_warning: dict[str, float] = {}
+        # Test hook: called after a decision is committed in Redis, before anything is published.
+        self.after_decision: Callable[[Outcome], Awaitable[None]] | None = None
+        for dep in ("redis", "rabbitmq"):
+            self.metrics.dependency_up.labels(dependency=dep).set(0)
+
+    # -- lifespan --------------------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Run until SIGTERM/SIGINT (or `stop()`), then drain. A second signal stops at once."""
+        await self.http.start()
+        log.info(
+            "job-lifecycle-manager %s starting: broker %s, redis %s, namespace %r",
+            __version__,
+            ", ".join(redact_url(u) for u in self.settings.amqp_urls),
+            redact_url(self.settings.redis_url),
+            self.settings.redis_namespace,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                if handle_signals:
+                    tg.start_soon(self._signals, tg.cancel_scope)
+                tg.start_soon(self._monitor)
+                tg.start_soon(watchdog_loop, self.notifier, self._healthy)
+                await self._sessions()
+                tg.cancel_scope.cancel()
+        finally:
+            if self.broker is not None:
+                await self.broker.close()
+            await self.http.stop()
+            await self.store.close()
+            log.info("stopped")
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self.stopping.is_set():
+                    log.info(
+                        "%s: draining (a second signal stops at once)", signal.Signals(signum).name
+                    )
+                    self.stopping.set()
+                else:
+                    log.warning("second signal: stopping now; unacked requests will be redelivered")
+                    scope.cancel()
+                    return
+
+    async def _sessions(self) -> None:
+        delay = 0.2
+        while not self.stopping.is_set():
+            broker = Broker(self.settings, self.metrics)
+            try:
+                await broker.open()
+            except Unavailable as exc:
+                self._dependency("rabbitmq", False, exc.message)
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, self.settings.retry_max_delay)
+                continue
+            delay = 0.2
+            self.broker = broker
+            self._dependency("rabbitmq", True)
+            await broker.consume(functools.partial(self._on_message, broker))
+            self._update_health()
+            if not self.started.is_set():
+                self.started.set()
+                self.notifier.ready(f"consuming {REQUESTS}")
+            log.info("consuming %s (prefetch %d)", REQUESTS, self.settings.prefetch)
+            stop_wait = asyncio.ensure_future(self.stopping.wait())
+            lost_wait = asyncio.ensure_future(broker.closed.wait())
+            await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            lost_wait.cancel()
+            if self.stopping.is_set() and not broker.closed.is_set():
+                await self._drain(broker)
+                return
+            self._dependency("rabbitmq", False, "connection lost; reconnecting")
+            self._update_health()
+            await broker.close()
+
+    async def _drain(self, broker: Broker) -> None:
+        timeout = self.settings.shutdown_timeout
+        self.notifier.stopping(f"draining {self._inflight} in-flight requests")
+        await broker.stop_consuming()
+        self._update_health()
+        log.info("draining: %d requests in flight, up to %.0fs", self._inflight, timeout)
+        with anyio.move_on_after(timeout) as scope:
+            await self._idle.wait()
+        if scope.cancelled_caught:
+            log.warning(
+                "drain timed out with %d in flight; they will be redelivered", self._inflight
+            )
+        await broker.close()
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self.stopping.wait()
+
+    # -- health ----------------------------------------------------------------------------------
+
+    async def _monitor(self) -> None:
+        """Every second: a real script call on Redis, and the consumer's state; queue depths."""
+        tick = 0
+        while True:
+            try:
+                with anyio.fail_after(2):
+                    await self.store.ping_script()
+                self._dependency("redis", True)
+            except (Unavailable, TimeoutError) as exc:
+                self._dependency("redis", False, str(exc))
+            except Exception as exc:  # a script error is "not ready", never a crash
+                self._dependency("redis", False, f"script call failed: {exc}")
+            self._update_health()
+            if tick % 10 == 0 and self.broker is not None:
+                depth = await self.broker.queue_depth(REQUESTS)
+                if depth is not None:
+                    self.metrics.queue_depth.labels(queue=REQUESTS).set(depth)
+            tick += 1
+            await anyio.sleep(1)
+
+    def _dependency(self, name: str, up: bool, why: str = "") -> None:
+        self.metrics.dependency_up.labels(dependency=name).set(1 if up else 0)
+        was = self.health.checks.get(name)
+        self.health.set(name, up)
+        if was is not up:
+            if up:
+                log.info("%s is up", name)
+            else:
+                log.warning("%s is down: %s", name, redact_url(why)[:300])
+            self.notifier.status(self._status_line())
+
+    def _update_health(self) -> None:
+        consuming = self.broker is not None and self.broker.consuming
+        self.health.set("consuming", consuming)
+        if self.health.ready:
+            self._unready_since = None
+        elif self._unready_since is None:
+            self._unready_since = time.monotonic()
+
+    def _status_line(self) -> str:
+        parts = [f"{k} {'up' if v else 'DOWN'}" for k, v in sorted(self.health.checks.items())]
+        return f"{'ready' if self.health.ready else 'NOT READY'}: {', '.join(parts)}"
+
+    def _healthy(self) -> bool:
+        """Watchdog pings stop when the daemon has been unable to work for too long."""
+        since = self._unready_since
+        return since is None or time.monotonic() - since < self.settings.watchdog_unready_limit
+
+    def _warn_rarely(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_warning.get(key, 0.0) >= 5.0:
+            self._last_warning[key] = now
+            log.warning(msg, *args)
+
+    # -- one request -----------------------------------------------------------------------------
+
+    async def _on_message(self, broker: Broker, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        op = message.routing_key or ""
+        op_label = op if op in OPERATIONS else "unknown"
+        ctx = Context(
+            request_id=message.message_id or uuid.uuid4().hex,
+            idempotent=bool(message.message_id) and len(message.message_id or "") <= 256,
+            actor=message.user_id,
+        )
+        self._inflight += 1
+        self._idle.clear()
+        self.metrics.inflight.inc()
+        outcome_label = "ok"
+        try:
+            try:
+                request = parse_request(op, message.body, self.settings.file.max_request_bytes)
+                self.lifecycle.validate(op, request, ctx)
+            except JlmError as exc:
+                outcome_label = exc.outcome
+                await self._reject(broker, message, op, exc, ctx)
+                return
+            outcome = await self._decide_in_lane(broker, op, request, ctx)
+            if isinstance(outcome, JlmError):
+                outcome_label = outcome.outcome
+                if outcome.disposition is Disposition.DEAD_LETTER:
+                    await self._reject(broker, message, op, outcome, ctx)
+                else:
+                    await self._answer(
+                        broker,
+                        message,
+                        {
+                            "success": False,
+                            "error": {"code": outcome.code, "message": outcome.message},
+                        },
+                    )
+                return
+            await self._retry(
+                broker,
+                lambda: broker.publish_decision(
+                    outcome.job,
+                    outcome.queue,
+                    outcome.events,
+                ),
+            )
+            await self._answer(broker, message, outcome.reply)
+        except SessionLost:
+            outcome_label = "error"
+        finally:
+            self._inflight -= 1
+            self.metrics.inflight.dec()
+            if self._inflight == 0:
+                self._idle.set()
+            self.metrics.requests.labels(op=op_label, outcome=outcome_label).inc()
+            self.metrics.request_duration.labels(op=op_label).observe(time.perf_counter() - started)
+
+    async def _decide_in_lane(
+        self,
+        broker: Broker,
+        op: str,
+        request: Request,
+        ctx: Context,
+    ) -> Outcome | JlmError:
+        """Requests of one scope are decided one at a time, in delivery order."""
+        key = _lane_key(request)
+        previous = self._lanes.get(key)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lanes[key] = mine
+        try:
+            if previous is not None:
+                await asyncio.shield(previous)
+            try:
+                outcome = await self._retry(broker, lambda: self.lifecycle.handle(op, request, ctx))
+            except SessionLost:
+                raise
+            except JlmError as exc:
+                return exc
+            except Exception as exc:
+                log.exception("internal error on %s request %s", op, ctx.request_id)
+                return Internal(f"internal error: {type(exc).__name__}")
+            if self.after_decision is not None:
+                await self.after_decision(outcome)
+            return outcome
+        finally:
+            mine.set_result(None)
+            if self._lanes.get(key) is mine:
+                del self._lanes[key]
+
+    async def _retry(self, broker: Broker, step: Callable[[], Awaitable[T]]) -> T:
+        """Run a step until it succeeds; a passing fault pauses this request, never acks it."""
+        delay = 0.05
+        while True:
+            if broker.closed.is_set():
+                raise SessionLost
+            try:
+                return await step()
+            except Unavailable as exc:
+                self.metrics.retries.labels(dependency=exc.dependency).inc()
+                if exc.dependency == "redis":
+                    self._dependency("redis", False, exc.message)
+                    self._update_health()
+                self._warn_rarely(exc.dependency, "waiting for %s: %s", exc.dependency, exc.message)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_delay)
+
+    async def _reject(
+        self,
+        broker: Broker,
+        message: AbstractIncomingMessage,
+        op: str,
+        error: JlmError,
+        ctx: Context,
+    ) -> None:
+        self._warn_rarely(
+            "reject:" + error.code,
+            "rejected %s request %s: %s: %s",
+            op[:64] or "(no operation)",
+            ctx.request_id[:64],
+            error.code,
+            error.message[:300],
+        )
+        outcome = self.lifecycle.rejected(op, error, ctx, len(message.body))
+
+        async def publish() -> None:
+            await broker.dead_letter(message, error.code, error.message)
+            await broker.publish_decision(None, None, outcome.events)
+
+        await self._retry(broker, publish)
+        self.metrics.dead_lettered.labels(code=error.code).inc()
+        await self._answer(broker, message, outcome.reply)
+
+    async def _answer(
+        self,
+        broker: Broker,
+        message: AbstractIncomingMessage,
+        reply: dict[str, Any],
+    ) -> None:
+        if message.reply_to:
+            await broker.reply(message.reply_to, message.correlation_id, reply)
+        try:
+            await message.ack()
+        except (AMQPError, OSError, RuntimeError) as exc:
+            # The channel of this delivery is gone; the broker redelivers it and the
+            # recorded decision is replayed. Never ack on another channel.
+            log.info("ack lost with its channel (%s); the request will be replayed", exc)
+            raise SessionLost from exc
+
+
+def _lane_key(request: Request) -> str:
+    if isinstance(request, CancelRequest | StatusRequest):
+        return tag_of_job(request.job_id) or "-"
+    return scope_tag(request.cache_prefix, request.job_type)
+
+
+def _str(path: Any) -> str | None:
+    return None if path is None else str(path)

@@ -1,0 +1,124 @@
+"""The Redis side: connections, and one typed call per Lua script in `lua/`."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from jlm.errors import Unavailable
+from jlm.keys import Keys
+from jlm.metrics import Metrics
+
+HISTORY_BOUND = 50
+RedisClient = aioredis.Redis | RedisCluster
+
+# Errors that mean "Redis is not there right now": the request waits and is retried.
+_PASSING = (RedisConnectionError, RedisTimeoutError, OSError)
+_PASSING_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY")
+
+
+def load_lua(name: str) -> str:
+    return resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def connect(
+    url: str,
+    *,
+    cluster: bool = False,
+    ca_file: str | None = None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    verify: bool = True,
+) -> RedisClient:
+    """A client that reconnects by itself; each call fails fast while Redis is down."""
+    opts: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        "health_check_interval": 15,
+    }
+    if url.startswith("rediss://"):
+        opts["ssl_cert_reqs"] = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
+        opts["ssl_check_hostname"] = verify
+        if ca_file:
+            opts["ssl_ca_certs"] = ca_file
+        if cert_file:
+            opts["ssl_certfile"] = cert_file
+        if key_file:
+            opts["ssl_keyfile"] = key_file
+    if cluster:
+        return RedisCluster.from_url(url, **opts)
+    return aioredis.Redis.from_url(url, **opts)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a script decided: its facts, and whether they were a replay of an earlier decision."""
+
+    replayed: bool
+    facts: dict[str, Any]
+
+
+class Store:
+    """Typed calls of the Lua scripts; every call is one round trip and one atomic step."""
+
+    def __init__(self, client: RedisClient, keys: Keys, metrics: Metrics) -> None:
+        self.client = client
+        self.keys = keys
+        self._metrics = metrics
+        self._scripts: dict[str, AsyncScript] = {}
+        self._timers: dict[str, Any] = {}
+        for name in ("manage", "cancel", "status", "invalidate", "result"):
+            self.register(name)
+
+    def register(self, name: str) -> None:
+        script = self.client.register_script(load_lua(name))
+        self._scripts[name] = script
+        self._timers[name] = self._metrics.redis_script_duration.labels(script=name)
+
+    async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script; NOSCRIPT is reloaded by the client, passing faults become Unavailable."""
+        started = time.perf_counter()
+        try:
+            result = await self._scripts[name](keys=list(keys), args=list(args))
+        except _PASSING as exc:
+            raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
+        except ResponseError as exc:
+            if str(exc).startswith(_PASSING_REPLIES):
+                raise Unavailable(f"redis: {exc}", "redis") from exc
+            raise
+        except RedisError as exc:
+            raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
+        self._timers[name].observe(time.perf_counter() - started)
+        return result
+
+    async def decide(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Decision:
+        replayed, facts = await self.run(name, keys, args)
+        return Decision(bool(replayed), orjson.loads(facts))
+
+    async def ping_script(self) -> None:
+        """A script call, not a PING: readiness must fail while scripts fail."""
+        await self.run("result", [self.keys.result("0000000000", "-", "-")], [])
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def pairs_to_dict(flat: list[Any]) -> dict[str, str]:
+    it = iter(flat)
+    return {_s(k): _s(v) for k, v in zip(it, it, strict=True)}
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
