@@ -32,9 +32,9 @@ def _make_vhosts(n: int) -> None:
     names = [f"jlm-test-{_RUN}-{len(_vhosts_made) + i}" for i in range(n)]
     erl_names = ",".join(f'<<"{name}">>' for name in names)
     rabbit_eval(
-        f"lists:foreach(fun(N) -> rabbit_vhost:add(N, <<\"jlm-tests\">>), "
-        f"rabbit_auth_backend_internal:set_permissions(<<\"guest\">>, N, <<\".*\">>, "
-        f"<<\".*\">>, <<\".*\">>, <<\"jlm-tests\">>) end, [{erl_names}])."
+        f'lists:foreach(fun(N) -> rabbit_vhost:add(N, <<"jlm-tests">>), '
+        f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, N, <<".*">>, '
+        f'<<".*">>, <<".*">>, <<"jlm-tests">>) end, [{erl_names}]).'
     )
     _vhosts_made.extend(names)
     _vhost_pool.extend(names)
@@ -52,7 +52,7 @@ def _cleanup_vhosts() -> Iterator[None]:
     if _vhosts_made:
         erl_names = ",".join(f'<<"{name}">>' for name in _vhosts_made)
         rabbit_eval(
-            f"lists:foreach(fun(N) -> rabbit_vhost:delete(N, <<\"jlm-tests\">>) end, [{erl_names}])."
+            f'lists:foreach(fun(N) -> rabbit_vhost:delete(N, <<"jlm-tests">>) end, [{erl_names}]).'
         )
 
 

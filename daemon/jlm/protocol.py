@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from jlm.config import NAME_RE, OPERATIONS
@@ -75,7 +77,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_constant=_no_constant,
+    parse_float=_finite,
+)
 
 
 def depth_of(value: Any) -> int:
@@ -115,6 +128,12 @@ def decode_json(body: bytes, max_bytes: int) -> dict[str, Any]:
         raise InvalidRequest("body must be a JSON object")
     if depth_of(value) > MAX_DEPTH:
         raise InvalidRequest(f"JSON nesting is deeper than {MAX_DEPTH}")
+    try:
+        # What we accept we must be able to publish again: integers beyond 64 bits and lone
+        # surrogates ("\ud800") parse, but have no faithful JSON encoding downstream.
+        orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InvalidRequest(f"body holds a value JSON cannot carry faithfully: {exc}") from exc
     return value
 
 

@@ -1,0 +1,65 @@
+"""Small helpers to look into the broker from tests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from jlm.config import Settings
+
+
+async def drain_queue(settings: Settings, queue: str, *, timeout: float = 2.0) -> list[Any]:
+    """Get every message now in a queue (acking them)."""
+    out: list[AbstractIncomingMessage] = []
+    conn = await aio_pika.connect(settings.amqp_urls[0])
+    async with conn:
+        ch = await conn.channel()
+        q = await ch.declare_queue(queue, passive=True)
+        idle = 0.0
+        while idle < timeout:
+            msg = await q.get(fail=False)
+            if msg is None:
+                await asyncio.sleep(0.05)
+                idle += 0.05
+                continue
+            idle = 0.0
+            await msg.ack()
+            out.append(msg)
+    return out
+
+
+async def queue_exists(settings: Settings, queue: str) -> bool:
+    conn = await aio_pika.connect(settings.amqp_urls[0])
+    async with conn:
+        ch = await conn.channel()
+        try:
+            await ch.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        return True
+
+
+async def read_stream(settings: Settings, *, idle: float = 1.0) -> list[dict[str, Any]]:
+    """Every event in jlm.provenance, oldest first."""
+    events: list[dict[str, Any]] = []
+    conn = await aio_pika.connect(settings.amqp_urls[0])
+    async with conn:
+        ch = await conn.channel()
+        await ch.set_qos(prefetch_count=1000)
+        q = await ch.declare_queue("jlm.provenance", passive=True)
+        last = asyncio.get_running_loop().time()
+
+        async def on(msg: AbstractIncomingMessage) -> None:
+            nonlocal last
+            last = asyncio.get_running_loop().time()
+            events.append(orjson.loads(msg.body))
+            await msg.ack()
+
+        await q.consume(on, arguments={"x-stream-offset": "first"})
+        while asyncio.get_running_loop().time() - last < idle:
+            await asyncio.sleep(0.1)
+    return events
