@@ -128,6 +128,8 @@ class Settings(BaseSettings):
     retry_max_delay: Annotated[float, Field(gt=0)] = 5.0
     lease_seconds: Annotated[float, Field(gt=0)] = 15.0
     watchdog_unready_limit: Annotated[float, Field(gt=0)] = 300.0
+    worker_metrics_addr: str | None = None  # `jlm worker` serves /metrics here when set
+    worker_shutdown_timeout: Annotated[float, Field(ge=0)] = 10.0  # grace for running handlers
     file: FileConfig = Field(default_factory=FileConfig)
 
     @field_validator("redis_namespace")
@@ -137,9 +139,11 @@ class Settings(BaseSettings):
             raise ValueError("use 1..64 letters, digits, '_', '.', '-' (no ':' or braces)")
         return v
 
-    @field_validator("metrics_addr")
+    @field_validator("metrics_addr", "worker_metrics_addr")
     @classmethod
-    def _addr(cls, v: str) -> str:
+    def _addr(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464")
@@ -207,7 +211,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         secret = _secret_from_file(env, name, cred)
         if secret is not None:
             overrides[name.lower()] = secret
-    jlm_env = {k: v for k, v in env.items() if k.startswith("JLM_") and not k.endswith("_FILE")}
+    secret_files = ("JLM_AMQP_URL_FILE", "JLM_REDIS_URL_FILE")
+    jlm_env = {k: v for k, v in env.items() if k.startswith("JLM_") and k not in secret_files}
     try:
         # Only the given mapping is read, so tests and the CLI see exactly what they pass.
         settings = _from_mapping(jlm_env, overrides)
@@ -237,44 +242,13 @@ def _from_mapping(env: Mapping[str, str], overrides: Mapping[str, Any]) -> Setti
         if name in fields and name != "file":
             values[name] = value
     values.update(overrides)
-    # Validate the strings as if they came from the environment (bools, ints, paths).
-    return _EnvParsed.model_validate(values).as_settings()
-
-
-class _EnvParsed(BaseModel):
-    """Lax parsing of environment strings into the Settings types."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    amqp_url: str | None = None
-    redis_url: str | None = None
-    config: Path | None = None
-    metrics_addr: str | None = None
-    redis_namespace: str | None = None
-    redis_cluster: bool | None = None
-    prefetch: int | None = None
-    shutdown_timeout: float | None = None
-    log_level: str | None = None
-    log_format: str | None = None
-    tls_ca_file: Path | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_verify: bool | None = None
-    provenance_max_age: str | None = None
-    provenance_max_bytes: int | None = None
-    requests_queue_type: str | None = None
-    requests_delivery_limit: int | None = None
-    heartbeat: int | None = None
-    retry_max_delay: float | None = None
-    lease_seconds: float | None = None
-    watchdog_unready_limit: float | None = None
-
-    def as_settings(self) -> Settings:
-        given = {k: v for k, v in self.model_dump().items() if v is not None}
-        if isinstance(given.get("log_level"), str):
-            given["log_level"] = given["log_level"].upper()
-        # _env_file=None and no env parsing: values come only from this mapping.
-        return Settings.model_validate(given)
+    for optional in ("config", "tls_ca_file", "tls_cert_file", "tls_key_file"):
+        if values.get(optional) == "":
+            del values[optional]  # an empty variable means "not set", as in the unit file
+    if isinstance(values.get("log_level"), str):
+        values["log_level"] = values["log_level"].upper()
+    # Lax validation turns the environment's strings into bools, numbers and paths.
+    return Settings.model_validate(values)
 
 
 def redact_url(url: str) -> str:

@@ -18,11 +18,11 @@ from aiormq.exceptions import AMQPError
 from jlm import __version__
 from jlm.broker import REQUESTS, Broker
 from jlm.config import OPERATIONS, Settings, redact_url
-from jlm.errors import Disposition, Internal, JlmError, Unavailable
+from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Unavailable
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
 from jlm.metrics import HealthState, HttpServer, Metrics
-from jlm.protocol import CancelRequest, Request, StatusRequest, parse_request
+from jlm.protocol import MAX_ID_LEN, CancelRequest, Request, StatusRequest, parse_request
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
 
@@ -233,7 +233,7 @@ class Service:
         op_label = op if op in OPERATIONS else "unknown"
         ctx = Context(
             request_id=message.message_id or uuid.uuid4().hex,
-            idempotent=bool(message.message_id) and len(message.message_id or "") <= 256,
+            idempotent=bool(message.message_id),
             actor=message.user_id,
         )
         self._inflight += 1
@@ -242,6 +242,8 @@ class Service:
         outcome_label = "ok"
         try:
             try:
+                if len(ctx.request_id) > MAX_ID_LEN:
+                    raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
                 request = parse_request(op, message.body, self.settings.file.max_request_bytes)
                 self.lifecycle.validate(op, request, ctx)
             except JlmError as exc:
