@@ -67,6 +67,7 @@ class Service:
         self.started = asyncio.Event()
         self._inflight = 0
         self._idle = asyncio.Event()
+        self._handled = 0
         self._idle.set()
         self._lanes: dict[str, asyncio.Future[None]] = {}
         self._unready_since: float | None = time.monotonic()
@@ -154,6 +155,8 @@ class Service:
     async def _drain(self, broker: Broker) -> None:
         timeout = self.settings.shutdown_timeout
         self.notifier.stopping(f"draining {self._inflight} in-flight requests")
+        # Ask systemd for the drain's time (plus a margin for closing) beyond its stop timeout.
+        self.notifier.extend_timeout(timeout + 5)
         await broker.stop_consuming()
         self._update_health()
         log.info("draining: %d requests in flight, up to %.0fs", self._inflight, timeout)
@@ -184,6 +187,11 @@ class Service:
             except Exception as exc:  # a script error is "not ready", never a crash
                 self._dependency("redis", False, f"script call failed: {exc}")
             self._update_health()
+            if tick % 5 == 0:
+                self.notifier.status(
+                    f"{self._status_line()}; {self._handled} requests handled, "
+                    f"{self._inflight} in flight"
+                )
             if tick % 10 == 0 and self.broker is not None:
                 depth = await self.broker.queue_depth(REQUESTS)
                 if depth is not None:
@@ -278,6 +286,7 @@ class Service:
             outcome_label = "error"
         finally:
             self._inflight -= 1
+            self._handled += 1
             self.metrics.inflight.dec()
             if self._inflight == 0:
                 self._idle.set()
