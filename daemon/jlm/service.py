@@ -193,9 +193,10 @@ class Service:
                     f"{self._inflight} in flight"
                 )
             if tick % 10 == 0 and self.broker is not None:
-                depth = await self.broker.queue_depth(REQUESTS)
-                if depth is not None:
-                    self.metrics.queue_depth.labels(queue=REQUESTS).set(depth)
+                for queue in (REQUESTS, *sorted(self.broker.job_queues)):
+                    depth = await self.broker.queue_depth(queue)
+                    if depth is not None:
+                        self.metrics.queue_depth.labels(queue=queue).set(depth)
             tick += 1
             await anyio.sleep(1)
 
