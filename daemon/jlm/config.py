@@ -251,6 +251,12 @@ def _from_mapping(env: Mapping[str, str], overrides: Mapping[str, Any]) -> Setti
     return Settings.model_validate(values)
 
 
+# `scheme://user:password@`: the user may hold '@' (LDAP, e-mail names) and so may a password
+# that was not percent-encoded; the password runs to the last '@' before a space or before the
+# next URL of a comma-separated list (else, for one with spaces, to the next '@').
+_PASSWORD_RE = re.compile(r"(://[^:/\s]*:)(?:(?:(?!,[A-Za-z][A-Za-z0-9+.-]*://)\S)*@|[^@]*@)")
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for logs and check-config."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """The URL (or any text holding URLs) with each password replaced: for logs, check-config."""
+    return _PASSWORD_RE.sub(r"\1***@", url)

@@ -1,0 +1,52 @@
+-- release.lua: a stopping worker gives a running job back, atomically.
+--
+-- KEYS[1]  job hash
+-- KEYS[2]  job history         list of JSON entries
+-- ARGV[1]  worker id           must be the job's `owner`
+-- ARGV[2]  claim sequence      must be the job's `claim`
+-- ARGV[3]  now                 RFC 3339
+-- ARGV[4]  reason              history note, e.g. `released: worker stopping`
+-- ARGV[5]  history bound       entries kept per job
+-- ARGV[6]  job TTL             seconds
+--
+-- Returns a JSON object: o, state (after), request_id, cancel_requested, and
+--   o = released   running → pending, owner cleared, attempt given back (a release is not a
+--                  failed attempt); the worker nacks the message with requeue
+--   o = cancelled  the job was superseded while running: it is cancelled instead of run again
+--   o = stopped    the job was cancelled meanwhile; the stop is recorded
+--   o = refused    this run no longer holds the job: nothing is written
+
+local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',
+  'cancel_requested', 'request_id')
+local state = j[1]
+local f = {state = state or 'unknown', request_id = j[7] or nil, cancel_requested = j[6] or nil}
+if not state or j[2] ~= ARGV[1] or j[3] ~= ARGV[2] or
+    (state ~= 'running' and state ~= 'cancelled') then
+  f.o = 'refused'
+  return cjson.encode(f)
+end
+
+local now, bound, ttl = ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
+local function note(st, reason)
+  redis.call('RPUSH', KEYS[2], cjson.encode({state = st, at = now, reason = reason}))
+  redis.call('LTRIM', KEYS[2], -bound, -1)
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+
+redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
+redis.call('HSET', KEYS[1], 'updated_at', now)
+if state == 'cancelled' then
+  redis.call('HSET', KEYS[1], 'stopped_at', now)
+  note('cancelled', 'stopped by worker')
+  f.o = 'stopped'
+elseif j[5] then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_reason', 'superseded')
+  note('cancelled', ARGV[4] .. '; superseded by ' .. j[5] .. ', not run again')
+  f.o, f.state = 'cancelled', 'cancelled'
+else
+  redis.call('HSET', KEYS[1], 'state', 'pending', 'attempt', math.max(tonumber(j[4] or '1') - 1, 0))
+  note('pending', ARGV[4])
+  f.o, f.state = 'released', 'pending'
+end
+return cjson.encode(f)

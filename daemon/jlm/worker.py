@@ -1,0 +1,445 @@
+"""The worker SDK: consume a job queue, claim each job, run an async handler, report the outcome.
+
+A handler is `async def handle(job) -> result`. Its return value (JSON-serialisable) becomes the
+scope's cached result, an exception fails the job, and a cancellation asked through the daemon
+arrives as `asyncio.CancelledError` in the handler's task. docs/worker-protocol.md has the steps,
+for workers in other languages too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import AMQPError
+from redis.exceptions import RedisError
+
+from jlm.config import Settings, redact_url
+from jlm.errors import Unavailable
+from jlm.keys import Keys
+from jlm.metrics import HealthState, HttpServer, Metrics
+from jlm.provenance import Event
+from jlm.store import RedisClient, Store, connect
+from jlm.worker_broker import GEN_HEADER, WorkerBroker
+from jlm.worker_job import (
+    Active,
+    Handler,
+    Job,
+    JobMessage,
+    now,
+    parse_job_message,
+    worker_event,
+)
+from jlm.worker_runner import (
+    Deps,
+    JobRunner,
+    Settle,
+    beat,
+    first_of,
+    invalid,
+    retry_redis,
+    unclaimed,
+)
+from jlm.worker_store import Facts, Run, WorkerStore
+
+__all__ = ["Handler", "Job", "Worker", "run_worker_cli"]
+
+log = logging.getLogger(__name__)
+RECENT_CANCELS = 10_000
+
+
+class Worker:
+    """Runs `handler` for the jobs of one job type, `concurrency` at a time."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        handler: Handler,
+        job_type: str,
+        concurrency: int = 1,
+        *,
+        metrics: Metrics | None = None,
+        cancel_grace: float = 1.5,
+        stop_grace: float | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.settings = settings
+        self.job_type = job_type
+        self.concurrency = concurrency
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.metrics = metrics or Metrics(max_job_types=settings.file.max_job_types)
+        self.health = HealthState()
+        self._stop_grace = settings.worker_shutdown_timeout if stop_grace is None else stop_grace
+        self._queue = settings.file.queue_for(job_type)
+        self._keys = Keys(settings.redis_namespace)
+        self._store = WorkerStore(
+            Store(_redis(settings, settings.redis_cluster), self._keys, self.metrics),
+            settings.file.job_ttl,
+        )
+        # Classic pub/sub reaches every node of a cluster, so one plain connection is enough.
+        self._pubsub_redis = _redis(settings, False)
+        self._http: HttpServer | None = None
+        if settings.worker_metrics_addr:
+            host, _, port = settings.worker_metrics_addr.rpartition(":")
+            self._http = HttpServer(self.metrics, self.health, host.strip("[]"), int(port))
+        self._broker: WorkerBroker | None = None
+        self._stopping = asyncio.Event()
+        self._give_up = asyncio.Event()
+        self.started = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[str, Active] = {}
+        self._abandoned: set[asyncio.Task[Any]] = set()
+        self._recent_cancels: OrderedDict[str, None] = OrderedDict()
+        self._last_warning: dict[str, float] = {}
+        self._deps = Deps(
+            settings=settings,
+            store=self._store,
+            metrics=self.metrics,
+            handler=handler,
+            emit=self._emit,
+            republish=self._republish,
+            abandon=self._abandon,
+            warn=self._warn_rarely,
+            stopping=self._stopping,
+            give_up=self._give_up,
+            lease_ms=max(int(settings.lease_seconds * 1000), 300),
+            cancel_grace=cancel_grace,
+            worker_id=self.id,
+        )
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def http_port(self) -> int | None:
+        return self._http.port if self._http is not None else None
+
+    # -- lifespan --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until `stop()`, then drain. Raises Unavailable when Redis or the broker cannot
+        be reached at start."""
+        broker = self._new_broker()
+        try:
+            await self._store.store.ping_script()
+            await broker.open()
+            if self._http is not None:
+                await self._http.start()
+            self.health.set("redis", True)
+            listener = asyncio.create_task(self._listen_cancels(), name="jlm cancel listener")
+            try:
+                await self._sessions(broker)
+                await self._drain()
+            finally:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+        finally:
+            self._give_up.set()
+            await broker.close()
+            if self._broker is not None:
+                await self._broker.close()
+            for task in self._abandoned:
+                task.cancel()
+            if self._http is not None:
+                await self._http.stop()
+            await self._store.store.close()
+            await self._pubsub_redis.aclose()
+            log.info("worker %s stopped", self.id)
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop consuming and drain; `force` stops running handlers without their grace."""
+        self._stopping.set()
+        if force:
+            self._stop_grace = 0
+            for active in self._active.values():
+                active.interrupt("stopping")
+
+    def _new_broker(self) -> WorkerBroker:
+        name = f"jlm worker {self.id}"
+        return WorkerBroker(self.settings, name, self._queue, self.job_type, self.concurrency)
+
+    async def _sessions(self, broker: WorkerBroker) -> None:
+        """One AMQP session after another until stopping; running handlers outlive a session."""
+        delay = 0.2
+        while True:
+            self._broker = broker
+            try:
+                await broker.consume(functools.partial(self._on_message, broker))
+            except Unavailable as exc:
+                log.warning("cannot consume %s: %s", self._queue, exc.message)
+                broker.closed.set()
+            else:
+                self._set_consuming(True)
+                self.started.set()
+                log.info(
+                    "worker %s consuming %s (prefetch %d)", self.id, self._queue, self.concurrency
+                )
+                await first_of(self._stopping.wait(), broker.closed.wait())
+            self._set_consuming(False)
+            if self._stopping.is_set():
+                await broker.stop_consuming()
+                return
+            log.warning("broker connection lost; reconnecting (unacked jobs are redelivered)")
+            await broker.close()
+            while True:
+                broker = self._new_broker()
+                try:
+                    await broker.open()
+                    break
+                except Unavailable as exc:
+                    self._warn_rarely("rabbitmq", "waiting for rabbitmq: %s", exc.message)
+                    await first_of(self._stopping.wait(), asyncio.sleep(delay))
+                    delay = min(delay * 2, self.settings.retry_max_delay)
+                    if self._stopping.is_set():
+                        return
+            delay = 0.2
+
+    def _set_consuming(self, up: bool) -> None:
+        self.health.set("rabbitmq", up)
+        self.health.set("consuming", up)
+
+    async def _drain(self) -> None:
+        """Running handlers get the grace period, then are cancelled and their jobs released."""
+        log.info(
+            "stopping: %d jobs running, up to %gs to finish", len(self._active), self._stop_grace
+        )
+        if self._tasks and self._stop_grace > 0:
+            await asyncio.wait(set(self._tasks), timeout=self._stop_grace)
+        for active in self._active.values():
+            active.interrupt("stopping")
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self._deps.cancel_grace + 10)
+        if self._tasks:
+            log.warning("%d job messages unsettled at exit: they are redelivered", len(self._tasks))
+
+    # -- one delivery ----------------------------------------------------------------------------
+
+    async def _on_message(self, broker: WorkerBroker, message: AbstractIncomingMessage) -> None:
+        # Our own task, not the AMQP library's: a handler must outlive a broken channel.
+        task = asyncio.create_task(self._process(broker, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, broker: WorkerBroker, message: AbstractIncomingMessage) -> None:
+        later: list[Awaitable[None]] = []
+        try:
+            settle = await self._deliver(broker, message, later)
+        except Exception:
+            log.exception("internal error on job message %s", message.message_id)
+            await asyncio.sleep(1)
+            settle = "requeue"
+        if settle != "keep":
+            await _settle(message, requeue=settle == "requeue")
+        for step in later:
+            try:
+                await step
+            except Exception:
+                log.exception("publishing after job message %s", message.message_id)
+
+    async def _deliver(
+        self, broker: WorkerBroker, message: AbstractIncomingMessage, later: list[Awaitable[None]]
+    ) -> Settle:
+        """Claim and run; `later` gets what is published once the message is settled."""
+        msg = parse_job_message(message.body)
+        if msg is None:
+            later.append(self._emit(invalid(self._deps, self.job_type, message.message_id)))
+            return "ack"
+        facts = await self._claim(broker, msg, _int((message.headers or {}).get(GEN_HEADER)))
+        if facts is None:
+            return "keep" if broker.closed.is_set() else "requeue"
+        if facts.o == "claimed":
+            return await self._execute(msg, facts, later)
+        later.append(self._emit(unclaimed(self._deps, msg, facts)))
+        return "ack"
+
+    async def _claim(self, broker: WorkerBroker, msg: JobMessage, gen: int) -> Facts | None:
+        """Claim, or wait while another run holds a live lease. None: give the message back."""
+        jt = self.settings.file.job_type(msg.job_type)
+        max_attempts = jt.max_attempts if jt is not None else 1
+        while not self._stopping.is_set() and not broker.closed.is_set():
+            facts = await retry_redis(
+                self._deps,
+                lambda: self._store.claim(
+                    msg.job_id,
+                    self.id,
+                    now(),
+                    lease_ms=self._deps.lease_ms,
+                    max_attempts=max_attempts,
+                    gen=gen,
+                ),
+            )
+            if facts is None or facts.o != "wait":
+                return facts
+            # Another run holds it (a redelivery after a broken channel): look again when its
+            # lease would expire. A live worker keeps renewing it; a dead one lets it lapse.
+            wait = float(facts.get("wait_ms", 1000)) / 1000 + 0.05
+            await first_of(self._stopping.wait(), broker.closed.wait(), asyncio.sleep(wait))
+        return None
+
+    async def _execute(self, msg: JobMessage, facts: Facts, later: list[Awaitable[None]]) -> Settle:
+        job = Job(
+            id=msg.job_id,
+            job_type=str(facts.get("job_type") or msg.job_type),
+            cache_prefix=str(facts.get("cache_prefix") or msg.cache_prefix),
+            payload=msg.payload,
+            priority=int(facts.get("priority") or msg.priority),
+            attempt=int(facts.get("attempt", 1)),
+            enqueued_at=msg.enqueued_at,
+        )
+        active = Active(job, Run(job.id, self.id, int(facts.get("claim", 0))))
+        self._active[job.id] = active
+        if job.id in self._recent_cancels:  # the notice overtook the claim's reply
+            active.interrupt("cancelled")
+        label = self.metrics.job_type_label(job.job_type)
+        self.metrics.jobs_claimed.labels(job_type=label).inc()
+        recovered = bool(facts.get("recovered"))
+        if recovered:
+            self.metrics.jobs_recovered.labels(job_type=label, outcome="retried").inc()
+        info = {"worker": self.id, "attempt": job.attempt, "recovered": recovered}
+        event = worker_event(
+            "job.claimed",
+            "running",
+            job.id,
+            (job.cache_prefix, job.job_type),
+            request_id=facts.get("request_id"),
+            input_=info,
+            output={"lease_until_ms": facts.get("lease_until")},
+        )
+        # Published while the handler starts; awaited before the run's outcome is published.
+        claimed = asyncio.create_task(self._emit(event))
+        later.append(claimed)
+        log.debug("claimed job %s (attempt %d)", job.id, job.attempt, extra={"job_id": job.id})
+        try:
+            return await JobRunner(self._deps, active, msg, claimed, later).run()
+        finally:
+            self._active.pop(job.id, None)
+
+    # -- cancellations pushed on pub/sub ---------------------------------------------------------
+
+    async def _listen_cancels(self) -> None:
+        """Subscribe to the cancel channel; after each (re)subscribe, ask Redis about every running
+        job, since a notice published while not subscribed is lost."""
+        delay = 0.2
+        while True:
+            try:
+                async with self._pubsub_redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._keys.cancel_channel)
+                    self.health.set("redis", True)
+                    delay = 0.2
+                    for active in list(self._active.values()):
+                        await beat(self._deps, active)
+                    while True:
+                        note = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if note is not None and note.get("type") == "message":
+                            data = note["data"]
+                            self._on_cancel(data.decode() if isinstance(data, bytes) else str(data))
+            except (RedisError, OSError) as exc:
+                self.health.set("redis", False)
+                self._warn_rarely("pubsub", "cancel channel: redis unavailable: %s", str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.retry_max_delay)
+
+    def _on_cancel(self, job_id: str) -> None:
+        active = self._active.get(job_id)
+        if active is not None:
+            log.info("job %s cancelled: stopping its handler", job_id, extra={"job_id": job_id})
+            active.interrupt("cancelled")
+            return
+        self._recent_cancels[job_id] = None
+        if len(self._recent_cancels) > RECENT_CANCELS:
+            self._recent_cancels.popitem(last=False)
+
+    def _abandon(self, task: asyncio.Task[Any], job_id: str) -> None:
+        self._abandoned.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._abandoned.discard(t)
+            if not t.cancelled():
+                t.exception()
+            log.info("the abandoned handler of job %s has ended", job_id, extra={"job_id": job_id})
+
+        task.add_done_callback(done)
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def _publish(self, action: Callable[[WorkerBroker], Awaitable[None]], what: str) -> bool:
+        """Publish on the current session, waiting out a reconnection; False if given up at exit."""
+        delay = 0.05
+        while True:
+            broker = self._broker
+            try:
+                if broker is None:
+                    raise Unavailable("rabbitmq: not connected", "rabbitmq")
+                await action(broker)
+                return True
+            except Unavailable as exc:
+                if self._give_up.is_set():
+                    log.error("%s not published: %s", what, exc.message)
+                    return False
+                self._warn_rarely("publish", "waiting to publish: %s", exc.message)
+            await first_of(self._give_up.wait(), asyncio.sleep(delay))
+            delay = min(delay * 2, self.settings.retry_max_delay)
+
+    async def _emit(self, event: Event) -> None:
+        await self._publish(lambda b: b.publish_event(event), f"event {event.type}")
+
+    async def _republish(self, msg: JobMessage, gen: int) -> bool:
+        return await self._publish(
+            lambda b: b.publish_job(msg.body, msg.job_id, msg.job_type, msg.priority, gen),
+            f"job message {msg.job_id}",
+        )
+
+    def _warn_rarely(self, key: str, text: str, arg: str) -> None:
+        t = time.monotonic()
+        if t - self._last_warning.get(key, 0.0) >= 5.0:
+            self._last_warning[key] = t
+            log.warning(text, redact_url(arg)[:300])
+
+
+async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False) -> None:
+    """Ack, or nack with requeue, on the delivery's own channel; a dead channel means the broker
+    redelivers the message, and the next claim sees what this one did."""
+    try:
+        if requeue:
+            await message.nack(requeue=True)
+        else:
+            await message.ack()
+    except (AMQPError, OSError, RuntimeError) as exc:
+        log.info("settling job message %s: channel gone (%s)", message.message_id, exc)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def _redis(settings: Settings, cluster: bool) -> RedisClient:
+    return connect(
+        settings.redis_url,
+        cluster=cluster,
+        ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+        cert_file=str(settings.tls_cert_file) if settings.tls_cert_file else None,
+        key_file=str(settings.tls_key_file) if settings.tls_key_file else None,
+        verify=settings.tls_verify,
+    )
+
+
+async def run_worker_cli(settings: Settings, target: str, job_type: str, concurrency: int) -> int:
+    """`jlm worker MODULE:FUNCTION --job-type T` (in jlm.worker_cli)."""
+    from jlm.worker_cli import main
+
+    return await main(settings, target, job_type, concurrency)

@@ -1,0 +1,67 @@
+"""`jlm worker MODULE:FUNCTION --job-type T`: a Worker with signals, logs and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import anyio
+
+from jlm import __version__
+from jlm.config import NAME_RE, Settings, redact_url
+from jlm.errors import Unavailable
+from jlm.worker import Worker
+from jlm.worker_job import HandlerImportError, load_handler
+
+log = logging.getLogger(__name__)
+EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 2, 69, 78
+
+
+async def main(settings: Settings, target: str, job_type: str, concurrency: int) -> int:
+    """`jlm worker MODULE:FUNCTION --job-type T`: 0 on a clean stop, 2 when the target cannot be
+    imported (or the arguments are wrong), 69 when Redis or the broker is down at start."""
+    if not NAME_RE.match(job_type) or concurrency < 1:
+        log.error("--job-type must match %s and --concurrency be >= 1", NAME_RE.pattern)
+        return EX_USAGE
+    if settings.file.job_type(job_type) is None:
+        log.error(
+            "JLM_CONFIG: job type %r is not configured (allow_any_job_type = false)", job_type
+        )
+        return EX_CONFIG
+    try:
+        handler = load_handler(target)
+    except HandlerImportError as exc:
+        log.error("jlm worker: %s", exc)
+        return EX_USAGE
+    worker = Worker(settings, handler, job_type, concurrency)
+    log.info(
+        "jlm worker %s (%s): %s for job type %r, concurrency %d",
+        worker.id,
+        __version__,
+        target,
+        job_type,
+        concurrency,
+    )
+    signals = asyncio.create_task(_signals(worker))
+    try:
+        await worker.run()
+    except Unavailable as exc:
+        log.error("cannot start: %s", redact_url(exc.message))
+        return EX_UNAVAILABLE
+    finally:
+        signals.cancel()
+        await asyncio.gather(signals, return_exceptions=True)
+    return EX_OK
+
+
+async def _signals(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not worker.stopping:
+                log.info("%s: stopping (a second signal stops running handlers now)", name)
+                worker.stop()
+            else:
+                log.warning("%s again: stopping running handlers now", name)
+                worker.stop(force=True)

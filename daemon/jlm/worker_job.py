@@ -1,0 +1,148 @@
+"""What a worker handles: the job a handler sees, the job message, one claimed run, the handler."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+
+from jlm.keys import tag_of_job
+from jlm.protocol import iso
+from jlm.provenance import Event, new_id, scope_of
+from jlm.worker_store import Run
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """The job a handler runs. `attempt` counts from 1."""
+
+    id: str
+    job_type: str
+    cache_prefix: str
+    payload: dict[str, Any]
+    priority: int
+    attempt: int
+    enqueued_at: str | None = None
+
+
+Handler = Callable[[Job], Awaitable[Any]]
+Interruption = Literal["cancelled", "lost", "stopping"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobMessage:
+    """A message of `jlm.jobs.<job_type>`, as published by the daemon (or re-published on retry)."""
+
+    job_id: str
+    job_type: str
+    cache_prefix: str
+    payload: dict[str, Any]
+    priority: int
+    enqueued_at: str | None
+    body: bytes
+
+
+def parse_job_message(body: bytes) -> JobMessage | None:
+    """The message, or None when it is not a job message of ours (acked and skipped)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    job_id, job_type, prefix = data.get("job_id"), data.get("job_type"), data.get("cache_prefix")
+    payload, priority = data.get("payload"), data.get("priority", 5)
+    if not isinstance(job_id, str) or tag_of_job(job_id) is None:
+        return None
+    if not isinstance(job_type, str) or not isinstance(prefix, str):
+        return None
+    if not isinstance(payload, dict) or type(priority) is not int:
+        return None
+    at = data.get("enqueued_at")
+    return JobMessage(
+        job_id, job_type, prefix, payload, priority, at if isinstance(at, str) else None, body
+    )
+
+
+@dataclass(slots=True)
+class Active:
+    """One claimed run in this worker: its handler task and why it must stop, if it must."""
+
+    job: Job
+    run: Run
+    reason: Interruption | None = None
+    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def interrupt(self, reason: Interruption) -> None:
+        """The first reason wins: a cancellation is not turned into a release by a later stop."""
+        if self.reason is None:
+            self.reason = reason
+            self.interrupted.set()
+
+
+def now() -> str:
+    return iso(datetime.now(UTC))
+
+
+def worker_event(
+    type_: str,
+    status: str,
+    job_id: str | None,
+    scope: tuple[str | None, str | None],
+    *,
+    request_id: str | None,
+    input_: Any,
+    output: Any,
+) -> Event:
+    """An event of a worker's decision: no actor; the request id is the job's enqueuing one."""
+    return Event(
+        new_id(),
+        type_,
+        status,
+        now(),
+        None,
+        request_id or None,
+        job_id,
+        scope_of(*scope),
+        input_,
+        output,
+    )
+
+
+class HandlerImportError(Exception):
+    """MODULE:FUNCTION does not name an async function."""
+
+
+def load_handler(target: str) -> Handler:
+    """Import `module:function`; the working directory is importable, as `python -m` would do."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise HandlerImportError(f"{target!r}: expected MODULE:FUNCTION, e.g. examples.echo:handle")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any error while importing user code is "cannot import"
+        raise HandlerImportError(
+            f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise HandlerImportError(f"{module_name!r} has no attribute {attr!r}") from exc
+    call = getattr(obj, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    if not (inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(call)):
+        raise HandlerImportError(f"{target!r} is not an async function (async def handle(job))")
+    handler: Handler = obj
+    return handler

@@ -1,0 +1,128 @@
+"""The worker's Redis side: typed calls of claim.lua, heartbeat.lua, finish.lua and release.lua."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from jlm.keys import Keys, scope_tag, tag_of_job
+from jlm.store import HISTORY_BOUND, Store
+
+SCRIPTS = ("claim", "heartbeat", "finish", "release")
+Outcome = Literal["succeeded", "failed", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What a script decided, as the JSON object it returned."""
+
+    raw: dict[str, Any]
+
+    @property
+    def o(self) -> str:
+        return str(self.raw["o"])
+
+    @property
+    def state(self) -> str:
+        return str(self.raw.get("state") or "unknown")
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.raw.get(name, default)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Names one claim of one job: the owner and the claim sequence it got."""
+
+    job_id: str
+    owner: str
+    claim: int
+
+
+class WorkerStore:
+    """One call per worker script; each is one round trip and one atomic step."""
+
+    def __init__(self, store: Store, job_ttl: int) -> None:
+        self.store = store
+        self.keys: Keys = store.keys
+        self._job_ttl = job_ttl
+        for name in SCRIPTS:
+            store.register(name)
+
+    async def _facts(self, name: str, keys: list[str], args: list[Any]) -> Facts:
+        raw = await self.store.run(name, keys, args)
+        return Facts(orjson.loads(raw))
+
+    async def claim(
+        self,
+        job_id: str,
+        owner: str,
+        now: str,
+        *,
+        lease_ms: int,
+        max_attempts: int,
+        gen: int,
+    ) -> Facts:
+        k = self.keys
+        return await self._facts(
+            "claim",
+            [k.job(job_id), k.history(job_id)],
+            [owner, now, lease_ms, max_attempts, gen, HISTORY_BOUND, self._job_ttl],
+        )
+
+    async def heartbeat(self, run: Run, lease_ms: int) -> str:
+        state, _ = await self.store.run(
+            "heartbeat", [self.keys.job(run.job_id)], [run.owner, run.claim, lease_ms]
+        )
+        return state.decode() if isinstance(state, bytes) else str(state)
+
+    async def finish(
+        self,
+        run: Run,
+        scope: tuple[str, str],
+        outcome: Outcome,
+        now: str,
+        value: str,
+        *,
+        result_ttl: int,
+        max_attempts: int,
+        stop_note: str = "stopped by worker",
+    ) -> Facts:
+        """`scope` is (cache_prefix, job_type) as the job's record names them."""
+        cache_prefix, job_type = scope
+        tag = scope_tag(cache_prefix, job_type)
+        if tag != tag_of_job(run.job_id):
+            raise ValueError(f"job {run.job_id} does not belong to scope {cache_prefix}/{job_type}")
+        k = self.keys
+        return await self._facts(
+            "finish",
+            [
+                k.job(run.job_id),
+                k.history(run.job_id),
+                k.scope(tag, cache_prefix, job_type),
+                k.result(tag, cache_prefix, job_type),
+            ],
+            [
+                outcome,
+                run.owner,
+                run.claim,
+                now,
+                value,
+                result_ttl,
+                max_attempts,
+                run.job_id,
+                HISTORY_BOUND,
+                self._job_ttl,
+                stop_note,
+            ],
+        )
+
+    async def release(self, run: Run, now: str, reason: str) -> Facts:
+        k = self.keys
+        return await self._facts(
+            "release",
+            [k.job(run.job_id), k.history(run.job_id)],
+            [run.owner, run.claim, now, reason, HISTORY_BOUND, self._job_ttl],
+        )

@@ -1,0 +1,1 @@
+"""Example handlers for `jlm worker` (run from the repository root)."""
