@@ -158,3 +158,49 @@ def test_systemd_notify_ready_watchdog_stopping(settings: Settings, tmp_path: Pa
     assert ready < stopping
     assert kinds[ready:stopping].count("WATCHDOG") >= 3
     assert "STATUS=consuming jlm.requests" in got[ready]
+
+
+async def test_worker_outcomes_move_their_counters_exactly(
+    make_settings: Callable[..., Settings],
+) -> None:
+    from jlm.worker import Job, Worker
+
+    async def handler(job: Job) -> dict[str, bool]:
+        if not job.payload["ok"]:
+            raise RuntimeError("asked to fail")
+        return {"done": True}
+
+    settings = make_settings()
+    running = await start_daemon(settings)
+    worker = Worker(settings, handler, "wk")
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.started.wait(), 20)
+        async with Client(settings) as c:
+            good = await c.call(
+                "manage", {"job_type": "wk", "cache_prefix": "g", "payload": {"ok": True}}
+            )
+            bad = await c.call(
+                "manage", {"job_type": "wk", "cache_prefix": "b", "payload": {"ok": False}}
+            )
+            for reply, want in ((good, "succeeded"), (bad, "failed")):
+                for _ in range(100):
+                    status = await c.call("status", {"job_id": reply["new_job_id"]})
+                    if status["state"] == want:
+                        break
+                    await asyncio.sleep(0.1)
+                assert status["state"] == want
+        m = worker.metrics
+        await asyncio.sleep(0.5)  # the finishing events are confirmed after the ack
+
+        def value(counter: object, **labels: str) -> float:
+            return float(counter.labels(**labels)._value.get())  # type: ignore[attr-defined]
+
+        assert value(m.jobs_claimed, job_type="wk") == 2
+        assert value(m.jobs_finished, job_type="wk", state="succeeded") == 1
+        assert value(m.jobs_finished, job_type="wk", state="failed") == 1
+        assert value(m.zombie_completions, job_type="wk") == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 30)
+        await running.stop()
