@@ -7,9 +7,10 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import (
     AbstractChannel,
@@ -79,6 +80,22 @@ def _safe(exc: BaseException) -> str:
     return redact_url(str(exc))[:200]
 
 
+async def _raw(channel: AbstractChannel | None) -> aiormq.Channel:
+    """The aiormq channel under an aio-pika one (its publish can skip waiting for the socket)."""
+    assert channel is not None
+    return cast(aiormq.Channel, await channel.get_underlay_channel())
+
+
+def _cancelled_here() -> bool:
+    """Whether this task itself is being cancelled.
+
+    aiormq fails the pending calls of a connection it found stuck with a CancelledError that is
+    not addressed to the caller; only a real cancellation of the caller may propagate.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def request_queue_arguments(settings: Settings) -> dict[str, Any]:
     args: dict[str, Any] = {"x-dead-letter-exchange": DEAD}
     if settings.requests_queue_type == "quorum":
@@ -116,7 +133,9 @@ class Broker:
             self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
             self._reply_ch = await conn.channel(publisher_confirms=False)
             await self.declare_topology()
-        except (AMQPError, OSError) as exc:
+        except (AMQPError, OSError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
+                raise
             await self.close()
             raise Unavailable(f"rabbitmq: {type(exc).__name__}: {_safe(exc)}", "rabbitmq") from exc
 
@@ -208,11 +227,10 @@ class Broker:
         routing_key: str,
         mandatory: bool,
     ) -> None:
-        assert self._publish_ch is not None
         try:
             # aiormq directly, without waiting for the frame to reach the socket (`wait=False`):
             # the confirm is what we wait for. Measured: see bench/RESULTS.md.
-            channel = await self._publish_ch.get_underlay_channel()
+            channel = await _raw(self._publish_ch)
             confirm = await channel.basic_publish(
                 body,
                 exchange=exchange.name,
@@ -298,10 +316,17 @@ class Broker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             type=message.type,
         )
-        await self._confirmed(self._dead, msg.body, msg.properties, message.routing_key or "", False)
+        await self._confirmed(
+            self._dead, msg.body, msg.properties, message.routing_key or "", False
+        )
 
     async def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
         """Answer on the default exchange; a caller that went away is not an error."""
+        if reply_to.startswith("jlm."):
+            # The default exchange reaches every queue of the vhost: a caller must not aim the
+            # daemon's replies at its own queues (jobs, requests, dead letters, provenance).
+            log.warning("reply_to %r names a jlm.* queue: reply not sent", reply_to[:100])
+            return
         assert self._reply_ch is not None
         props = Basic.Properties(
             content_type=JSON,
@@ -312,7 +337,7 @@ class Broker:
         )
         try:
             # Queued behind nothing but earlier frames: the ack that follows leaves after it.
-            channel = await self._reply_ch.get_underlay_channel()
+            channel = await _raw(self._reply_ch)
             await channel.basic_publish(
                 orjson.dumps(body), routing_key=reply_to, properties=props, wait=False
             )
@@ -333,6 +358,31 @@ class Broker:
                     await ch.close()
         except (AMQPError, OSError, RuntimeError):
             return None
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
+            return None
+
+    async def probe(self, timeout: float) -> None:
+        """End the session if the broker does not answer a round trip within `timeout`.
+
+        A reset connection fails at once, but a silent one (a stalled path) is noticed by aiormq
+        only after 3 x (heartbeat + 1) s. Basic.Qos on the reply channel, which has no consumer,
+        is a round trip with no effect.
+        """
+        if self._reply_ch is None or self.closed.is_set():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._reply_ch.set_qos(prefetch_count=0)
+        except TimeoutError:
+            log.warning("no answer from the broker in %.0fs: connection stalled", timeout)
+            self.closed.set()
+        except (AMQPError, OSError, RuntimeError):
+            pass  # a failed connection reports itself through its close callback
+        except asyncio.CancelledError:
+            if _cancelled_here():
+                raise
 
     async def close(self) -> None:
         if self.connection is not None and not self.connection.is_closed:

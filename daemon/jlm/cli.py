@@ -158,14 +158,16 @@ def _check_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _request(settings: Settings, args: argparse.Namespace) -> int:
-    from jlm.client import Client
+    from jlm.client import Client, url_user
 
     op, body = _request_body(args)
     if op is None:
         return EX_USAGE
 
     async def go() -> int:
-        async with Client(settings) as client:
+        # Name ourselves (RabbitMQ checks user_id against the connection's user), so that a
+        # daemon with authorisation on knows who asks.
+        async with Client(settings, user_id=url_user(settings)) as client:
             if args.command == "submit" and not (args.wait or args.until_done):
                 await client.send(op, body, wait=False)
                 _out(args, {"success": True, "submitted": True}, "request published")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import orjson
@@ -17,12 +18,14 @@ from jlm.config import Settings
 class Client:
     """Publishes requests to `jlm.requests` and waits for the daemon's replies."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, user_id: str | None = None) -> None:
+        """`user_id`, when given, is set on every request (the broker checks it is ours)."""
         self._settings = settings
         self._conn: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._replies: AbstractQueue | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._user = user_id
 
     async def __aenter__(self) -> Client:
         self._conn = await connect_first(self._settings, "jlm client")
@@ -68,7 +71,7 @@ class Client:
                 correlation_id=correlation_id,
                 reply_to=self._replies.name if wait else None,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                user_id=user_id,
+                user_id=user_id or self._user,
                 headers=headers,
             ),
             routing_key=op,
@@ -86,3 +89,9 @@ class Client:
         fut = await self.send(op, body, wait=True, **kwargs)
         assert fut is not None
         return await asyncio.wait_for(fut, timeout)
+
+
+def url_user(settings: Settings) -> str | None:
+    """The user name in the first broker URL: what RabbitMQ will accept as `user_id`."""
+    user = urlsplit(settings.amqp_urls[0]).username
+    return unquote(user) if user else None

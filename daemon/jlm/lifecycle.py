@@ -91,8 +91,14 @@ class Lifecycle:
         if isinstance(request, ManageRequest | ScopeRequest):
             self.check_job_type(request.job_type)
             self.authorize(ctx, op, request.cache_prefix, request.job_type)
-        elif self._file.auth.enabled and ctx.actor is None:
-            raise Forbidden("authorisation is on: the request needs a broker-validated user_id")
+        elif self._file.auth.enabled:
+            # By job id: the caller must hold the operation before any Redis read (no oracle of
+            # which job ids exist); the job's scope is checked once the job is read.
+            if ctx.actor is None:
+                raise Forbidden("authorisation is on: the request needs a broker-validated user_id")
+            grant = self._file.auth.users.get(ctx.actor)
+            if grant is None or not grant.allows(op, None, None):
+                raise Forbidden(f"user {ctx.actor!r} may not {op}")
 
     # -- manage ----------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from prometheus_client import (
 from jlm import __version__
 
 # `_created` series double every counter for no reader we have.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 log = logging.getLogger(__name__)
 
