@@ -39,6 +39,9 @@ format: install
 test: install services tools lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-faults: install services
+	$(BIN)/python -m pytest -q -m slow tests/faults $(PYTEST_ARGS)
+
 test-fast: install services
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -20,6 +21,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aiormq.exceptions import AMQPError, DeliveryError, PublishError
+from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
 from jlm.config import Settings, redact_url
@@ -132,6 +134,10 @@ class Broker:
             await self._consume_ch.set_qos(prefetch_count=self._settings.prefetch)
             self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
             self._reply_ch = await conn.channel(publisher_confirms=False)
+            # A channel the broker closed (e.g. a publish to a deleted exchange) is never reopened:
+            # it ends the session, and the next one declares the topology again.
+            for ch in (self._consume_ch, self._publish_ch, self._reply_ch):
+                ch.close_callbacks.add(lambda *_: self.closed.set())
             await self.declare_topology()
         except (AMQPError, OSError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
@@ -180,15 +186,18 @@ class Broker:
         async with self._declare_lock:
             if queue in self._declared:
                 return
-            assert self._publish_ch is not None
+            assert self.connection is not None
             assert self._jobs is not None
             try:
-                q = await self._publish_ch.declare_queue(
-                    queue,
-                    durable=True,
-                    arguments={"x-max-priority": 10},
-                )
-                await q.bind(self._jobs, routing_key=job_type)
+                # On a channel of its own: a queue declared elsewhere with other arguments fails
+                # the declaration (PRECONDITION_FAILED) and closes only this channel.
+                async with self.connection.channel() as ch:
+                    q = await ch.declare_queue(
+                        queue,
+                        durable=True,
+                        arguments={"x-max-priority": 10},
+                    )
+                    await q.bind(self._jobs, routing_key=job_type)
             except (AMQPError, OSError) as exc:
                 raise Unavailable(f"rabbitmq: declaring {queue}: {_safe(exc)}", "rabbitmq") from exc
             self._declared.add(queue)
@@ -198,9 +207,17 @@ class Broker:
         """The job queues this session has declared (bounded by the job types in use)."""
         return frozenset(self._declared)
 
-    async def consume(self, callback: Callback) -> None:
+    async def consume(self, callback: Callback, prefetch: int | None = None) -> None:
+        """Consume jlm.requests; `prefetch` replaces the setting for this and later consumers."""
         assert self._requests is not None
-        self._consumer_tag = await self._requests.consume(callback, no_ack=False)
+        assert self._consume_ch is not None
+        try:
+            if prefetch is not None:
+                await self._consume_ch.set_qos(prefetch_count=prefetch)
+            self._consumer_tag = await self._requests.consume(callback, no_ack=False)
+        except (AMQPError, OSError, RuntimeError) as exc:
+            log.warning("cannot consume %s: %s", REQUESTS, _safe(exc))
+            self.closed.set()  # the session is over: the service opens another
 
     async def stop_consuming(self) -> None:
         if self._requests is not None and self._consumer_tag is not None:
@@ -262,7 +279,6 @@ class Broker:
         assert self._jobs is not None
         assert self._events is not None
         started = time.perf_counter()
-        pending = []
         if job is not None:
             assert queue is not None
             await self.ensure_job_queue(queue, job.job_type)
@@ -275,7 +291,10 @@ class Broker:
                 message_id=job.job_id,
             )
             body = orjson.dumps(job.body())
-            pending.append(self._confirmed(self._jobs, body, props, job.job_type, True))
+            # The job before its events: no event says "enqueued" until the broker has the job,
+            # and a refused or unroutable job is retried without repeating its events.
+            await self._confirmed(self._jobs, body, props, job.job_type, True)
+        pending = []
         for event in events:
             props = Basic.Properties(
                 content_type=JSON,
@@ -297,6 +316,12 @@ class Broker:
         """Copy a rejected request, body intact, to jlm.dead with the reason in its headers."""
         assert self._dead is not None
         headers = dict(message.headers or {})
+        try:
+            amqp_encode.field_table(headers)
+        except (TypeError, ValueError, OverflowError, struct.error):
+            # Headers another client may send but pamqp cannot write back (e.g. a double beyond
+            # float32 range): kept as text, or the dead letter would fail on every delivery.
+            headers = {"x-jlm-original-headers": repr(headers)[:4000]}
         headers.update(
             {
                 "x-jlm-error": code,

@@ -28,6 +28,7 @@ from jlm.systemd import Notifier, watchdog_loop
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+SESSION_SETTLED = 10.0  # seconds: a broker session lost sooner failed (backoff, then prefetch 1)
 
 
 class SessionLost(Exception):
@@ -94,6 +95,7 @@ class Service:
                 if handle_signals:
                     tg.start_soon(self._signals, tg.cancel_scope)
                 tg.start_soon(self._monitor)
+                tg.start_soon(self._watch_broker)
                 tg.start_soon(watchdog_loop, self.notifier, self._healthy)
                 await self._sessions()
                 tg.cancel_scope.cancel()
@@ -128,29 +130,58 @@ class Service:
                 await broker.open()
             except Unavailable as exc:
                 self._dependency("rabbitmq", False, exc.message)
+                # Also once the broker is known to be down: a node that accepts the connection
+                # but fails the topology (e.g. a classic queue whose cluster node is gone) would
+                # otherwise leave only "connected to ..." lines, with no reason.
+                self._warn_rarely("rabbitmq-session", "no broker session: %s", exc.message)
                 await self._sleep_unless_stopping(delay)
                 delay = min(delay * 2, self.settings.retry_max_delay)
                 continue
-            delay = 0.2
+            opened = time.monotonic()
             self.broker = broker
             self._dependency("rabbitmq", True)
-            await broker.consume(functools.partial(self._on_message, broker))
+            handler = functools.partial(self._on_message, broker)
+            # After a session lost as soon as it opened, one request at a time: if a request
+            # kills sessions (the AMQP library cannot decode it), only its own delivery count
+            # grows, not that of every request prefetched with it.
+            probation = delay > 0.2
+            await broker.consume(handler, prefetch=1 if probation else None)
             self._update_health()
             if not self.started.is_set():
                 self.started.set()
                 self.notifier.ready(f"consuming {REQUESTS}")
-            log.info("consuming %s (prefetch %d)", REQUESTS, self.settings.prefetch)
-            stop_wait = asyncio.ensure_future(self.stopping.wait())
-            lost_wait = asyncio.ensure_future(broker.closed.wait())
-            await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-            stop_wait.cancel()
-            lost_wait.cancel()
+            log.info(
+                "consuming %s (prefetch %d)", REQUESTS, 1 if probation else self.settings.prefetch
+            )
+            if probation and not await self._session_ends(broker, SESSION_SETTLED):
+                await broker.stop_consuming()
+                await broker.consume(handler, prefetch=self.settings.prefetch)
+                log.info("consuming %s (prefetch %d)", REQUESTS, self.settings.prefetch)
+            await self._session_ends(broker)
             if self.stopping.is_set() and not broker.closed.is_set():
                 await self._drain(broker)
                 return
             self._dependency("rabbitmq", False, "connection lost; reconnecting")
             self._update_health()
             await broker.close()
+            if time.monotonic() - opened < SESSION_SETTLED:
+                # Lost as soon as it opened (e.g. a request the AMQP library cannot decode, back
+                # at the head of the queue): back off, or it becomes a reconnect storm.
+                await self._sleep_unless_stopping(delay)
+                delay = min(delay * 2, self.settings.retry_max_delay)
+            else:
+                delay = 0.2
+
+    async def _session_ends(self, broker: Broker, within: float | None = None) -> bool:
+        """Wait until stopping or the session is lost (True), or `within` seconds (False)."""
+        stop_wait = asyncio.ensure_future(self.stopping.wait())
+        lost_wait = asyncio.ensure_future(broker.closed.wait())
+        done, _ = await asyncio.wait(
+            {stop_wait, lost_wait}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+        )
+        stop_wait.cancel()
+        lost_wait.cancel()
+        return bool(done)
 
     async def _drain(self, broker: Broker) -> None:
         timeout = self.settings.shutdown_timeout
@@ -199,6 +230,14 @@ class Service:
                         self.metrics.queue_depth.labels(queue=queue).set(depth)
             tick += 1
             await anyio.sleep(1)
+
+    async def _watch_broker(self) -> None:
+        """A round trip every second: a stalled connection ends its session in two heartbeats."""
+        heartbeat = self.settings.heartbeat
+        while heartbeat:
+            await anyio.sleep(1)
+            if self.broker is not None:
+                await self.broker.probe(2 * heartbeat)
 
     def _dependency(self, name: str, up: bool, why: str = "") -> None:
         self.metrics.dependency_up.labels(dependency=name).set(1 if up else 0)

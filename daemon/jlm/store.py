@@ -13,8 +13,15 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jlm.errors import Unavailable
@@ -27,6 +34,9 @@ RedisClient = aioredis.Redis | RedisCluster
 # Errors that mean "Redis is not there right now": the request waits and is retried.
 _PASSING = (RedisConnectionError, RedisTimeoutError, OSError)
 _PASSING_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY")
+# redis-py strips the code of the replies it maps to a class, so those are matched by class.
+# NOSCRIPT: the client reloads a flushed script once; a flush racing that reload lands here.
+_PASSING_REPLY_CLASSES = (NoScriptError, ReadOnlyError, TryAgainError, ClusterDownError)
 
 
 def load_lua(name: str) -> str:
@@ -92,7 +102,7 @@ class Store:
         started = time.perf_counter()
         try:
             result = await self._scripts[name](keys=list(keys), args=list(args))
-        except _PASSING as exc:
+        except (*_PASSING, *_PASSING_REPLY_CLASSES) as exc:
             raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
         except ResponseError as exc:
             if str(exc).startswith(_PASSING_REPLIES):
