@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install services tools run test test-fast test-faults lint format bench clean
+.PHONY: install services tools run test test-fast test-faults lint format bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -46,7 +46,10 @@ test-fast: install services
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: install services
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-quick: install services
+	$(BIN)/python -m bench.run --quick --no-append
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info daemon/*.egg-info

@@ -1,0 +1,102 @@
+"""Redis side of the bench: command counts, memory, TTL coverage, and 1M pre-populated scopes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+
+from bench.amqp import JOB_TYPE, scope_name
+from jlm.config import FileConfig
+from jlm.keys import Keys, new_job_id, scope_tag
+from jlm.protocol import iso, micros
+from jlm.provenance import new_id
+from jlm.store import HISTORY_BOUND, load_lua
+
+
+async def commandstats(client: aioredis.Redis) -> dict[str, int]:
+    """Calls per command, server-wide (other users of the server add to these)."""
+    info = await client.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+async def used_memory(client: aioredis.Redis) -> int:
+    return int((await client.info("memory"))["used_memory"])
+
+
+async def db_keys(client: aioredis.Redis, db: int) -> tuple[int, int]:
+    """(keys, keys with a TTL) of one DB, from INFO keyspace: exact, no scan."""
+    info = await client.info("keyspace")
+    entry = info.get(f"db{db}")
+    if not entry:
+        return 0, 0
+    return int(entry["keys"]), int(entry["expires"])
+
+
+async def sample_ttls(client: aioredis.Redis, n: int) -> tuple[int, int]:
+    """RANDOMKEY n times: (sampled, without a TTL)."""
+    without = 0
+    for _ in range(n):
+        key = await client.randomkey()
+        if key is None:
+            return 0, 0
+        if await client.ttl(key) < 0:
+            without += 1
+    return n, without
+
+
+async def prepopulate(
+    url: str, namespace: str, scopes: int, *, start_at: int = 0, batch: int = 2000
+) -> None:
+    """One `manage` decision per scope, through the daemon's own script and key layout.
+
+    Mirrors `Lifecycle.manage` (keys, ARGV) for a request with a message_id, so every scope ends
+    holding what a live scope holds: its scope hash, a pending job, the job's history and the
+    request's idempotency record.
+    """
+    keys = Keys(namespace)
+    file = FileConfig()
+    client = aioredis.Redis.from_url(url)
+    try:
+        sha = await client.script_load(load_lua("manage"))
+        for start in range(start_at, start_at + scopes, batch):
+            pipe = client.pipeline(transaction=False)
+            now = datetime.now(UTC)
+            for scope in range(start, min(start + batch, start_at + scopes)):
+                prefix = scope_name(scope)
+                tag = scope_tag(prefix, JOB_TYPE)
+                job_id = new_job_id(tag)
+                request_id = uuid.uuid4().hex
+                pipe.evalsha(
+                    sha,
+                    5,
+                    keys.scope(tag, prefix, JOB_TYPE),
+                    keys.result(tag, prefix, JOB_TYPE),
+                    keys.request(tag, request_id),
+                    keys.job(job_id),
+                    keys.history(job_id),
+                    "replace",
+                    job_id,
+                    iso(now),
+                    micros(now),
+                    0,
+                    1,
+                    file.idempotency_ttl,
+                    file.job_ttl,
+                    keys.job_prefix(tag),
+                    JOB_TYPE,
+                    prefix,
+                    5,
+                    request_id,
+                    new_id(),
+                    keys.cancel_channel,
+                    HISTORY_BOUND,
+                )
+            await pipe.execute()
+    finally:
+        await client.aclose()
