@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install services tools run test test-fast test-faults lint format bench bench-quick clean
+.PHONY: install services tools run test test-fast test-faults test-cluster lint format bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -37,7 +37,11 @@ format: install
 	$(BIN)/ruff check --fix daemon tests bench
 
 test: install services tools lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --ignore=tests/cluster $(PYTEST_ARGS)
+
+# A 3-node RabbitMQ cluster and several daemons on loopback (own nodes, ports and cookie).
+test-cluster: install services
+	$(BIN)/python -m pytest -q tests/cluster $(PYTEST_ARGS)
 
 test-faults: install services
 	$(BIN)/python -m pytest -q -m slow tests/faults $(PYTEST_ARGS)

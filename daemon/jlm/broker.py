@@ -38,6 +38,8 @@ EVENTS = "jlm.events"
 PROVENANCE = "jlm.provenance"
 DEAD = "jlm.dead"
 JSON = "application/json"
+# Longest wait for a publisher confirm; a persistent message is normally confirmed in ms.
+CONFIRM_TIMEOUT = 30.0
 
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
@@ -248,14 +250,24 @@ class Broker:
             # aiormq directly, without waiting for the frame to reach the socket (`wait=False`):
             # the confirm is what we wait for. Measured: see bench/RESULTS.md.
             channel = await _raw(self._publish_ch)
-            confirm = await channel.basic_publish(
-                body,
-                exchange=exchange.name,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                wait=False,
-            )
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                confirm = await channel.basic_publish(
+                    body,
+                    exchange=exchange.name,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                    wait=False,
+                )
+        except TimeoutError as exc:
+            # RabbitMQ 3.10 can lose the confirm of a message sent to a stream (or replicated
+            # queue) whose leader node just died (tests/cluster). The channel is not trusted
+            # again: the session ends, and its unacked requests are redelivered and replayed.
+            log.warning("no confirm from the broker in %.0fs: ending the session", CONFIRM_TIMEOUT)
+            self.closed.set()
+            raise Unavailable(
+                f"rabbitmq: no confirm for a message to {exchange.name}/{routing_key}", "rabbitmq"
+            ) from exc
         except PublishError as exc:
             # Returned: nothing is bound for it (e.g. the job queue was deleted). Forget the
             # declaration so that the retry declares it again.
