@@ -22,7 +22,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 def rabbit_cluster(tmp_path: Path) -> Iterator[RabbitCluster]:
     """Three RabbitMQ nodes of this test on loopback, joined; every node stopped at the end."""
     if not available():
-        pytest.skip("rabbitmq-server is not installed")
+        pytest.fail("rabbitmq-server is not installed: `make services` installs it (Debian)")
     cluster = RabbitCluster(tmp_path / "rabbit", size=3)
     try:
         seconds = cluster.start()
