@@ -16,6 +16,12 @@ from tests.test_daemon import http_get
 
 from jlm.client import Client
 from jlm.config import Settings
+from jlm.metrics import Metrics
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """A sample's value as /metrics would show it (0 when the series was never touched)."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture
@@ -79,7 +85,7 @@ async def test_requests_wait_while_redis_is_down(
             await asyncio.sleep(2)
             assert not fut.done(), "answered while Redis was down"
             m = running.service.metrics
-            assert m.retries.labels(dependency="redis")._value.get() > 0
+            assert sample(m, "jlm_request_retries_total", dependency="redis") > 0
             private_redis.start()
             reply = await asyncio.wait_for(fut, 30)
             assert reply["success"] is True
@@ -94,9 +100,6 @@ async def test_scenario_moves_each_counter_by_exactly_its_amount(
     running = await start_daemon(settings)
     m = running.service.metrics
 
-    def value(counter: object, **labels: str) -> float:
-        return float(counter.labels(**labels)._value.get())  # type: ignore[attr-defined]
-
     try:
         async with Client(settings) as c:
             first = await c.call("manage", {"job_type": "sc", "payload": {}})  # new
@@ -107,20 +110,19 @@ async def test_scenario_moves_each_counter_by_exactly_its_amount(
             await c.call("cancel", {"job_id": first["new_job_id"]})  # already cancelled: no-op
             await c.call("manage", b"{bad")  # reject
             await c.call("invalidate", {"job_type": "sc"})  # nothing cached
-        assert value(m.requests, op="manage", outcome="ok") == 4
-        assert value(m.requests, op="manage", outcome="rejected") == 1
-        assert value(m.requests, op="cancel", outcome="ok") == 2
-        assert value(m.requests, op="invalidate", outcome="ok") == 1
-        assert value(m.jobs_enqueued, job_type="sc", priority="5") == 3
-        assert value(m.jobs_superseded, job_type="sc") == 1
-        assert value(m.jobs_deduplicated, job_type="sc", policy="skip") == 1
-        assert value(m.jobs_cancelled, job_type="sc", reason="superseded") == 1
-        assert value(m.jobs_cancelled, job_type="sc", reason="requested") == 1
-        assert value(m.cache_invalidations, job_type="sc") == 1  # the supersede's
-        assert value(m.dead_lettered, code="invalid_request") == 1
-        assert m.inflight._value.get() == 0
-        count = m.request_duration.labels(op="manage")._sum  # observed at all
-        assert count.get() > 0
+        assert sample(m, "jlm_requests_total", op="manage", outcome="ok") == 4
+        assert sample(m, "jlm_requests_total", op="manage", outcome="rejected") == 1
+        assert sample(m, "jlm_requests_total", op="cancel", outcome="ok") == 2
+        assert sample(m, "jlm_requests_total", op="invalidate", outcome="ok") == 1
+        assert sample(m, "jlm_jobs_enqueued_total", job_type="sc", priority="5") == 3
+        assert sample(m, "jlm_jobs_superseded_total", job_type="sc") == 1
+        assert sample(m, "jlm_jobs_deduplicated_total", job_type="sc", policy="skip") == 1
+        assert sample(m, "jlm_jobs_cancelled_total", job_type="sc", reason="superseded") == 1
+        assert sample(m, "jlm_jobs_cancelled_total", job_type="sc", reason="requested") == 1
+        assert sample(m, "jlm_cache_invalidations_total", job_type="sc") == 1  # the supersede's
+        assert sample(m, "jlm_dead_lettered_total", code="invalid_request") == 1
+        assert sample(m, "jlm_inflight_requests") == 0
+        assert sample(m, "jlm_request_duration_seconds_count", op="manage") == 5
     finally:
         await running.stop()
 
@@ -193,13 +195,10 @@ async def test_worker_outcomes_move_their_counters_exactly(
         m = worker.metrics
         await asyncio.sleep(0.5)  # the finishing events are confirmed after the ack
 
-        def value(counter: object, **labels: str) -> float:
-            return float(counter.labels(**labels)._value.get())  # type: ignore[attr-defined]
-
-        assert value(m.jobs_claimed, job_type="wk") == 2
-        assert value(m.jobs_finished, job_type="wk", state="succeeded") == 1
-        assert value(m.jobs_finished, job_type="wk", state="failed") == 1
-        assert value(m.zombie_completions, job_type="wk") == 0
+        assert sample(m, "jlm_jobs_claimed_total", job_type="wk") == 2
+        assert sample(m, "jlm_jobs_finished_total", job_type="wk", state="succeeded") == 1
+        assert sample(m, "jlm_jobs_finished_total", job_type="wk", state="failed") == 1
+        assert sample(m, "jlm_zombie_completions_total", job_type="wk") == 0
     finally:
         worker.stop()
         await asyncio.wait_for(task, 30)
