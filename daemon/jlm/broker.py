@@ -8,6 +8,7 @@ import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aio_pika
@@ -24,6 +25,7 @@ from aiormq.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
+from jlm.amqp_transport import CoalescingConnection
 from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
 from jlm.metrics import Metrics
@@ -42,6 +44,21 @@ JSON = "application/json"
 CONFIRM_TIMEOUT = 30.0
 
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to publish with a confirm."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: Basic.Properties
+    mandatory: bool
+
+    @property
+    def message_id(self) -> str:
+        return self.properties.message_id or ""
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -72,7 +89,9 @@ async def connect_first(settings: Settings, name: str) -> AbstractConnection:
                 kwargs["ssl_context"] = tls_context(settings)
             sep = "&" if "?" in url else "?"
             full = url if "heartbeat=" in url else f"{url}{sep}heartbeat={settings.heartbeat}"
-            conn: AbstractConnection = await aio_pika.connect(full, **kwargs)
+            conn: AbstractConnection = await aio_pika.connect(
+                full, connection_class=CoalescingConnection, **kwargs
+            )
             log.info("connected to %s", redact_url(url))
             return conn
         except (AMQPError, OSError, TimeoutError) as exc:
@@ -240,57 +259,94 @@ class Broker:
 
     async def _confirmed(
         self,
-        exchange: AbstractExchange,
+        exchange: str,
         body: bytes,
         properties: Basic.Properties,
         routing_key: str,
         mandatory: bool,
     ) -> None:
+        """Publish one message and wait for its confirm (callers bound the wait)."""
         try:
             # aiormq directly, without waiting for the frame to reach the socket (`wait=False`):
             # the confirm is what we wait for. Measured: see bench/RESULTS.md.
             channel = await _raw(self._publish_ch)
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                confirm = await channel.basic_publish(
-                    body,
-                    exchange=exchange.name,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=mandatory,
-                    wait=False,
-                )
-        except TimeoutError as exc:
-            # RabbitMQ 3.10 can lose the confirm of a message sent to a stream (or replicated
-            # queue) whose leader node just died (tests/cluster). The channel is not trusted
-            # again: the session ends, and its unacked requests are redelivered and replayed.
-            log.warning("no confirm from the broker in %.0fs: ending the session", CONFIRM_TIMEOUT)
-            self.closed.set()
-            raise Unavailable(
-                f"rabbitmq: no confirm for a message to {exchange.name}/{routing_key}", "rabbitmq"
-            ) from exc
+            confirm = await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=mandatory,
+                wait=False,
+            )
         except PublishError as exc:
             # Returned: nothing is bound for it (e.g. the job queue was deleted). Forget the
             # declaration so that the retry declares it again.
             self._declared.clear()
             raise Unavailable(
-                f"rabbitmq: unroutable message to {exchange.name}/{routing_key}",
+                f"rabbitmq: unroutable message to {exchange}/{routing_key}",
                 "rabbitmq",
             ) from exc
         except (DeliveryError, AMQPError, OSError, RuntimeError) as exc:
             raise Unavailable(f"rabbitmq: publish failed: {_safe(exc)}", "rabbitmq") from exc
         if not isinstance(confirm, Basic.Ack):
             raise Unavailable(
-                f"rabbitmq: broker refused a message to {exchange.name}/{routing_key}",
+                f"rabbitmq: broker refused a message to {exchange}/{routing_key}",
                 "rabbitmq",
             )
 
+    async def publish_confirmed(self, messages: list[Outgoing], done: set[str]) -> None:
+        """Publish the messages not in `done` at once; add each confirmed one's id to `done`.
+
+        Raises the first failure once every confirm is in, so that a retry publishes only what
+        the broker has not confirmed.
+        """
+        todo = [m for m in messages if m.message_id not in done]
+        if not todo:
+            return
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT):
+                if len(todo) == 1:
+                    results: list[BaseException | None] = [await self._confirm_one(todo[0])]
+                else:
+                    results = await asyncio.gather(*(self._confirm_one(m) for m in todo))
+        except TimeoutError as exc:
+            # RabbitMQ 3.10 can lose the confirm of a message sent to a stream (or replicated
+            # queue) whose leader node just died (tests/cluster). The channel is not trusted
+            # again: the session ends, and its unacked requests are redelivered and replayed.
+            log.warning("no confirm from the broker in %.0fs: ending the session", CONFIRM_TIMEOUT)
+            self.closed.set()
+            raise Unavailable("rabbitmq: no confirm from the broker", "rabbitmq") from exc
+        failure: BaseException | None = None
+        for message, result in zip(todo, results, strict=True):
+            if result is None:
+                done.add(message.message_id)
+            elif failure is None:
+                failure = result
+        if failure is not None:
+            raise failure
+
+    async def _confirm_one(self, m: Outgoing) -> BaseException | None:
+        try:
+            await self._confirmed(m.exchange, m.body, m.properties, m.routing_key, m.mandatory)
+        except Unavailable as exc:
+            return exc
+        return None
+
     async def publish_decision(
-        self, job: JobMessage | None, queue: str | None, events: list[Event]
+        self,
+        job: JobMessage | None,
+        queue: str | None,
+        events: list[Event],
+        done: set[str] | None = None,
     ) -> None:
-        """Publish a decision's job message and events; return once the broker confirmed all."""
-        assert self._jobs is not None
-        assert self._events is not None
+        """Publish a decision's job message and events; return once the broker confirmed all.
+
+        The job before its events: no event says "enqueued" until the broker has the job, and a
+        refused or unroutable job is retried without its events. `done` holds the message ids
+        an earlier attempt of the same decision got confirmed; they are not sent again.
+        """
         started = time.perf_counter()
+        done = set() if done is None else done
         if job is not None:
             assert queue is not None
             await self.ensure_job_queue(queue, job.job_type)
@@ -302,11 +358,9 @@ class Broker:
                 priority=job.priority,
                 message_id=job.job_id,
             )
-            body = orjson.dumps(job.body())
-            # The job before its events: no event says "enqueued" until the broker has the job,
-            # and a refused or unroutable job is retried without repeating its events.
-            await self._confirmed(self._jobs, body, props, job.job_type, True)
-        pending = []
+            job_out = Outgoing(JOBS, job.job_type, orjson.dumps(job.body()), props, True)
+            await self.publish_confirmed([job_out], done)
+        messages: list[Outgoing] = []
         for event in events:
             props = Basic.Properties(
                 content_type=JSON,
@@ -316,12 +370,8 @@ class Broker:
                 message_id=event.provenance_id,
                 message_type=event.type,
             )
-            body = orjson.dumps(event.body())
-            pending.append(self._confirmed(self._events, body, props, event.type, True))
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+            messages.append(Outgoing(EVENTS, event.type, orjson.dumps(event.body()), props, True))
+        await self.publish_confirmed(messages, done)
         self._metrics.publish_confirm_duration.observe(time.perf_counter() - started)
 
     async def dead_letter(self, message: AbstractIncomingMessage, code: str, reason: str) -> None:
@@ -353,9 +403,8 @@ class Broker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             type=message.type,
         )
-        await self._confirmed(
-            self._dead, msg.body, msg.properties, message.routing_key or "", False
-        )
+        dead = Outgoing(DEAD, message.routing_key or "", msg.body, msg.properties, False)
+        await self.publish_confirmed([dead], set())
 
     async def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
         """Answer on the default exchange; a caller that went away is not an error."""
@@ -380,6 +429,16 @@ class Broker:
             )
         except (AMQPError, OSError, RuntimeError) as exc:
             log.warning("reply to %s not sent: %s", reply_to[:100], _safe(exc))
+
+    @staticmethod
+    async def ack(message: AbstractIncomingMessage) -> None:
+        """Ack a delivery on its own channel, without waiting for the frame to reach the socket.
+
+        The ack follows the reply's frames on the connection. Lost with the connection, the
+        request is redelivered and its recorded decision replayed.
+        """
+        assert message.delivery_tag is not None
+        await message.channel.basic_ack(message.delivery_tag, wait=False)
 
     async def queue_depth(self, name: str) -> int | None:
         """Messages ready in a queue (passive declare on a throw-away channel)."""

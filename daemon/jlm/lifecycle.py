@@ -203,17 +203,18 @@ class Lifecycle:
         return out
 
     def _count_manage(self, req: ManageRequest, policy: str, f: dict[str, Any]) -> None:
-        jt = self._m.job_type_label(req.job_type)
+        m = self._m
+        jt = m.job_type_label(req.job_type)
         if f["d"] == "enqueued":
-            self._m.jobs_enqueued.labels(job_type=jt, priority=str(req.priority)).inc()
+            m.child(m.jobs_enqueued, jt, str(req.priority)).inc()
         else:
-            self._m.jobs_deduplicated.labels(job_type=jt, policy=policy).inc()
+            m.child(m.jobs_deduplicated, jt, policy).inc()
         if f.get("sup"):
-            self._m.jobs_superseded.labels(job_type=jt).inc()
+            m.child(m.jobs_superseded, jt).inc()
         if f.get("stale") or f.get("rc"):
-            self._m.jobs_cancelled.labels(job_type=jt, reason="superseded").inc()
+            m.child(m.jobs_cancelled, jt, "superseded").inc()
         if f.get("inv"):
-            self._m.cache_invalidations.labels(job_type=jt).inc()
+            m.child(m.cache_invalidations, jt).inc()
 
     # -- by job id -------------------------------------------------------------------------------
 

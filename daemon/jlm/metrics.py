@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,6 +17,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 from jlm import __version__
 
@@ -35,6 +37,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._max_job_types = max_job_types
         self._job_types: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "jlm_requests",
@@ -179,6 +182,17 @@ class Metrics:
             self._job_types.add(job_type)
             return job_type
         return OTHER
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: `labels()` validates and locks on each call.
+
+        Label values are bounded (operations, outcomes, capped job types, priorities 1..10).
+        """
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

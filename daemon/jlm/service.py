@@ -313,12 +313,14 @@ class Service:
                         },
                     )
                 return
+            confirmed: set[str] = set()  # what an earlier attempt got confirmed
             await self._retry(
                 broker,
                 lambda: broker.publish_decision(
                     outcome.job,
                     outcome.queue,
                     outcome.events,
+                    confirmed,
                 ),
             )
             await self._answer(broker, message, outcome.reply)
@@ -330,8 +332,9 @@ class Service:
             self.metrics.inflight.dec()
             if self._inflight == 0:
                 self._idle.set()
-            self.metrics.requests.labels(op=op_label, outcome=outcome_label).inc()
-            self.metrics.request_duration.labels(op=op_label).observe(time.perf_counter() - started)
+            m = self.metrics
+            m.child(m.requests, op_label, outcome_label).inc()
+            m.child(m.request_duration, op_label).observe(time.perf_counter() - started)
 
     async def _decide_in_lane(
         self,
@@ -400,9 +403,15 @@ class Service:
         )
         outcome = self.lifecycle.rejected(op, error, ctx, len(message.body))
 
+        confirmed: set[str] = set()
+        dead_lettered = False
+
         async def publish() -> None:
-            await broker.dead_letter(message, error.code, error.message)
-            await broker.publish_decision(None, None, outcome.events)
+            nonlocal dead_lettered
+            if not dead_lettered:
+                await broker.dead_letter(message, error.code, error.message)
+                dead_lettered = True
+            await broker.publish_decision(None, None, outcome.events, confirmed)
 
         await self._retry(broker, publish)
         self.metrics.dead_lettered.labels(code=error.code).inc()
@@ -417,7 +426,7 @@ class Service:
         if message.reply_to:
             await broker.reply(message.reply_to, message.correlation_id, reply)
         try:
-            await message.ack()
+            await broker.ack(message)
         except (AMQPError, OSError, RuntimeError) as exc:
             # The channel of this delivery is gone; the broker redelivers it and the
             # recorded decision is replayed. Never ack on another channel.
