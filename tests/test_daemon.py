@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from tests.amqp_helpers import drain_queue, read_stream
-from tests.conftest import RunningDaemon
+from tests.conftest import RunningDaemon, start_daemon
 
 from jlm.client import Client
 from jlm.config import Settings
@@ -212,6 +212,26 @@ async def test_5000_requests_over_500_scopes(
         assert states == ["cancelled", "pending"], scope
     pending = await count_states(daemon, "pending")
     assert pending == 500
+
+
+async def test_burst_beyond_redis_connections_waits_not_fails(settings: Settings) -> None:
+    """More decisions in flight than Redis connections: they queue for one, none is retried."""
+    small = settings.model_copy(update={"redis_max_connections": 4, "prefetch": 256})
+    running = await start_daemon(small)
+    try:
+        async with Client(small) as c:
+            futures = [
+                await c.send("manage", manage("burst", cache_prefix=f"b{i % 400}"))
+                for i in range(1200)
+            ]
+            replies = await asyncio.wait_for(asyncio.gather(*futures), 120)
+        assert all(r["success"] for r in replies)
+        registry = running.service.metrics.registry
+        retried = registry.get_sample_value("jlm_request_retries_total", {"dependency": "redis"})
+        assert not retried, f"{retried} decisions waited for Redis as if it were down"
+        assert running.service.health.checks["redis"] is True
+    finally:
+        await running.stop()
 
 
 async def count_states(daemon: RunningDaemon, state: str) -> int:

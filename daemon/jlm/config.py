@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     metrics_addr: str = "127.0.0.1:9464"
     redis_namespace: str = "jlm"
     redis_cluster: bool = False
+    # Connections to Redis (per node on a cluster); more concurrent decisions wait for one.
+    redis_max_connections: Annotated[int, Field(ge=1, le=10000)] = 64
     prefetch: Annotated[int, Field(ge=1, le=65535)] = 256
     shutdown_timeout: Annotated[float, Field(gt=0)] = 15.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -56,9 +56,11 @@ class Service:
                 cert_file=_str(settings.tls_cert_file),
                 key_file=_str(settings.tls_key_file),
                 verify=settings.tls_verify,
+                max_connections=settings.redis_max_connections,
             ),
             Keys(settings.redis_namespace),
             self.metrics,
+            settings.redis_max_connections,
         )
         self.lifecycle = Lifecycle(self.store, settings, self.metrics)
         host, port = settings.metrics_host_port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Sequence
@@ -29,6 +30,9 @@ from jlm.keys import Keys
 from jlm.metrics import Metrics
 
 HISTORY_BOUND = 50
+# Connections per Redis node. redis-py fails a call beyond its pool's limit (MaxConnectionsError)
+# rather than waiting; `Store` holds its calls to this many at once.
+MAX_CONNECTIONS = 64
 RedisClient = aioredis.Redis | RedisCluster
 
 # Errors that mean "Redis is not there right now": the request waits and is retried.
@@ -51,12 +55,18 @@ def connect(
     cert_file: str | None = None,
     key_file: str | None = None,
     verify: bool = True,
+    max_connections: int = MAX_CONNECTIONS,
 ) -> RedisClient:
-    """A client that reconnects by itself; each call fails fast while Redis is down."""
+    """A client that reconnects by itself; each call fails fast while Redis is down.
+
+    `max_connections` bounds the pool (per node on a cluster); `Store` keeps its concurrent
+    calls within it, so a burst waits for a connection instead of failing.
+    """
     opts: dict[str, Any] = {
         "socket_timeout": 5.0,
         "socket_connect_timeout": 2.0,
         "health_check_interval": 15,
+        "max_connections": max_connections,
     }
     if url.startswith("rediss://"):
         opts["ssl_cert_reqs"] = ssl.CERT_REQUIRED if verify else ssl.CERT_NONE
@@ -83,8 +93,16 @@ class Decision:
 class Store:
     """Typed calls of the Lua scripts; every call is one round trip and one atomic step."""
 
-    def __init__(self, client: RedisClient, keys: Keys, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        keys: Keys,
+        metrics: Metrics,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.client = client
+        # One call per connection: more concurrent calls wait here, not in a failing pool.
+        self._slots = asyncio.Semaphore(max_connections)
         self.keys = keys
         self._metrics = metrics
         self._scripts: dict[str, AsyncScript] = {}
@@ -99,9 +117,10 @@ class Store:
 
     async def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a script; NOSCRIPT is reloaded by the client, passing faults become Unavailable."""
-        started = time.perf_counter()
         try:
-            result = await self._scripts[name](keys=list(keys), args=list(args))
+            async with self._slots:
+                started = time.perf_counter()
+                result = await self._scripts[name](keys=list(keys), args=list(args))
         except (*_PASSING, *_PASSING_REPLY_CLASSES) as exc:
             raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
         except ResponseError as exc:
