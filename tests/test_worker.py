@@ -21,13 +21,13 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from tests.amqp_helpers import read_stream
 from tests.conftest import RunningDaemon
 from tests.worker_handlers import key
 
 from jlm.client import Client
 from jlm.config import Settings
+from jlm.store import RedisClient
 from jlm.worker import Job, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "JLM_AMQP_URL": settings.amqp_url,
             "JLM_REDIS_URL": settings.redis_url,
             "JLM_REDIS_NAMESPACE": settings.redis_namespace,
+            "JLM_REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
             "JLM_LOG_FORMAT": "text",
         }
     )
@@ -144,7 +145,7 @@ class Env:
     daemon: RunningDaemon
     client: Client
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     namespace: str
     tmp_path: Path
 
@@ -213,7 +214,7 @@ async def env(  # noqa: PLR0917 - fixtures arrive as parameters
     daemon: RunningDaemon,
     client: Client,
     settings: Settings,
-    redis_client: aioredis.Redis,
+    redis_client: RedisClient,
     namespace: str,
     tmp_path: Path,
 ) -> Env:

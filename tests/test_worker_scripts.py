@@ -13,18 +13,16 @@ from dataclasses import dataclass
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from tests.conftest import REDIS_URL
 
 from jlm.config import Settings
 from jlm.keys import Keys, new_job_id, scope_tag
 from jlm.lifecycle import Context, Lifecycle
 from jlm.metrics import Metrics
 from jlm.protocol import CancelRequest, ManageRequest
-from jlm.store import Store, connect
+from jlm.store import RedisClient, Store, connect
 from jlm.worker_job import now
 from jlm.worker_store import Facts, Run, WorkerStore
 
@@ -37,7 +35,7 @@ LONG = 60_000
 class Scripts:
     ws: WorkerStore
     lifecycle: Lifecycle
-    redis: aioredis.Redis
+    redis: RedisClient
     keys: Keys
 
     async def enqueue(self, prefix: str = "p", *, cancel_running: bool = False) -> str:
@@ -85,13 +83,18 @@ class Scripts:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+def _connect(settings: Settings) -> RedisClient:
+    """A client of the test's Redis: the shared one, or a cluster where the module sets one."""
+    return connect(settings.redis_url, cluster=settings.redis_cluster)
+
+
 @pytest.fixture
 async def scripts(
-    settings: Settings, namespace: str, redis_client: aioredis.Redis
+    settings: Settings, namespace: str, redis_client: RedisClient
 ) -> AsyncIterator[Scripts]:
     metrics = Metrics()
     keys = Keys(namespace)
-    store = Store(connect(REDIS_URL), keys, metrics)
+    store = Store(_connect(settings), keys, metrics)
     yield Scripts(
         WorkerStore(store, settings.file.job_ttl),
         Lifecycle(store, settings, metrics),
@@ -317,8 +320,8 @@ async def _interleave(settings: Settings, ops: list[tuple]) -> None:
     namespace = f"jlmp{uuid.uuid4().hex[:10]}"
     metrics = Metrics()
     keys = Keys(namespace)
-    store = Store(connect(REDIS_URL), keys, metrics)
-    redis = aioredis.Redis.from_url(REDIS_URL)
+    store = Store(_connect(settings), keys, metrics)
+    redis = _connect(settings)
     s = Scripts(
         WorkerStore(store, settings.file.job_ttl), Lifecycle(store, settings, metrics), redis, keys
     )

@@ -1,7 +1,7 @@
 """Handlers that `jlm worker tests.worker_handlers:NAME` runs in the worker tests.
 
-Each records what it did in Redis under `<namespace>:test:*` (the worker's own JLM_REDIS_URL and
-JLM_REDIS_NAMESPACE), so a test can count executions across processes.
+Each records what it did in Redis under `<namespace>:test:*` (the worker's own JLM_REDIS_URL,
+JLM_REDIS_CLUSTER and JLM_REDIS_NAMESPACE), so a test can count executions across processes.
 """
 
 from __future__ import annotations
@@ -11,16 +11,22 @@ import os
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from jlm.worker import Job
 
-_client: aioredis.Redis | None = None
+_client: aioredis.Redis | RedisCluster | None = None
 
 
-def _redis() -> aioredis.Redis:
+def _redis() -> aioredis.Redis | RedisCluster:
+    """A client of the worker's own Redis: a cluster client when JLM_REDIS_CLUSTER is true."""
     global _client
     if _client is None:
-        _client = aioredis.Redis.from_url(os.environ["JLM_REDIS_URL"])
+        url = os.environ["JLM_REDIS_URL"]
+        if os.environ.get("JLM_REDIS_CLUSTER", "").lower() in ("1", "true", "yes", "on"):
+            _client = RedisCluster.from_url(url)
+        else:
+            _client = aioredis.Redis.from_url(url)
     return _client
 
 
@@ -54,6 +60,12 @@ async def sleepy(job: Job) -> dict[str, Any]:
     await asyncio.sleep(seconds)
     await r.set(key(f"done:{job.id}"), job.attempt)
     return {"v": job.payload.get("v"), "attempt": job.attempt}
+
+
+async def nap(job: Job) -> dict[str, Any]:
+    """Sleep `seconds` and touch nothing (for tests where part of Redis is down)."""
+    await asyncio.sleep(float(job.payload.get("seconds", 1)))
+    return {"slept": job.payload.get("seconds", 1)}
 
 
 async def stubborn(job: Job) -> str:

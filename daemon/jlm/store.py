@@ -107,6 +107,7 @@ class Store:
         self._metrics = metrics
         self._scripts: dict[str, AsyncScript] = {}
         self._timers: dict[str, Any] = {}
+        self._loaded = False
         for name in ("manage", "cancel", "status", "invalidate", "result"):
             self.register(name)
 
@@ -137,8 +138,20 @@ class Store:
         return Decision(bool(replayed), orjson.loads(facts))
 
     async def ping_script(self) -> None:
-        """A script call, not a PING: readiness must fail while scripts fail."""
+        """A script call, not a PING: readiness must fail while scripts fail.
+
+        Until it has worked once, it also loads every registered script (on every master of a
+        cluster). A script first loaded later, on NOSCRIPT, is loaded on every master too: with
+        one master down, that load waits out the client's connection retries to it before the
+        call is repeated. A failed preload is not a readiness failure: it is tried again."""
         await self.run("result", [self.keys.result("0000000000", "-", "-")], [])
+        if not self._loaded:
+            try:
+                for script in self._scripts.values():
+                    await self.client.script_load(script.script)
+            except (*_PASSING, RedisError):
+                return
+            self._loaded = True
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -18,9 +18,11 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from jlm.config import Settings, redact_url
@@ -87,8 +89,6 @@ class Worker:
             Store(_redis(settings, settings.redis_cluster), self._keys, self.metrics),
             settings.file.job_ttl,
         )
-        # Classic pub/sub reaches every node of a cluster, so one plain connection is enough.
-        self._pubsub_redis = _redis(settings, False)
         self._http: HttpServer | None = None
         if settings.worker_metrics_addr:
             host, _, port = settings.worker_metrics_addr.rpartition(":")
@@ -155,7 +155,6 @@ class Worker:
             if self._http is not None:
                 await self._http.stop()
             await self._store.store.close()
-            await self._pubsub_redis.aclose()
             log.info("worker %s stopped", self.id)
 
     def stop(self, *, force: bool = False) -> None:
@@ -330,14 +329,24 @@ class Worker:
 
     async def _listen_cancels(self) -> None:
         """Subscribe to the cancel channel; after each (re)subscribe, ask Redis about every running
-        job, since a notice published while not subscribed is lost."""
+        job, since a notice published while not subscribed is lost.
+
+        On a Redis Cluster a PUBLISH on any node reaches the subscribers of every node, so one
+        plain connection to one node is enough: the configured node first, and when the
+        subscription fails, the next node the cluster client knows, at once; the retry delay
+        grows after a whole round of nodes failed."""
         delay = 0.2
+        tried = 0
+        url = self.settings.redis_url
         while True:
+            client = _redis(self.settings, False, url)
             try:
-                async with self._pubsub_redis.pubsub() as pubsub:
+                async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self._keys.cancel_channel)
                     self.health.set("redis", True)
-                    delay = 0.2
+                    delay, tried = 0.2, 0
+                    if url != self.settings.redis_url:
+                        log.info("cancel channel: subscribed on %s", redact_url(url))
                     for active in list(self._active.values()):
                         await beat(self._deps, active)
                     while True:
@@ -348,8 +357,28 @@ class Worker:
             except (RedisError, OSError) as exc:
                 self.health.set("redis", False)
                 self._warn_rarely("pubsub", "cancel channel: redis unavailable: %s", str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max_delay)
+                urls = self._pubsub_urls()
+                url = urls[(urls.index(url) + 1) % len(urls)] if url in urls else urls[0]
+                tried += 1
+                if tried >= len(urls):
+                    tried = 0
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.settings.retry_max_delay)
+            finally:
+                await client.aclose()
+
+    def _pubsub_urls(self) -> list[str]:
+        """Where the cancel channel can be subscribed: the configured URL, then (on a cluster)
+        every other node the cluster client knows, with the configured URL's scheme, credentials
+        and database."""
+        urls = [self.settings.redis_url]
+        client = self._store.store.client
+        if isinstance(client, RedisCluster):
+            for node in client.get_nodes():
+                url = _node_url(self.settings.redis_url, node.host, node.port)
+                if url not in urls:
+                    urls.append(url)
+        return urls
 
     def _on_cancel(self, job_id: str) -> None:
         active = self._active.get(job_id)
@@ -427,15 +456,23 @@ def _int(value: Any) -> int:
         return 0
 
 
-def _redis(settings: Settings, cluster: bool) -> RedisClient:
+def _redis(settings: Settings, cluster: bool, url: str | None = None) -> RedisClient:
     return connect(
-        settings.redis_url,
+        url or settings.redis_url,
         cluster=cluster,
         ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None,
         cert_file=str(settings.tls_cert_file) if settings.tls_cert_file else None,
         key_file=str(settings.tls_key_file) if settings.tls_key_file else None,
         verify=settings.tls_verify,
     )
+
+
+def _node_url(url: str, host: str, port: str | int) -> str:
+    """`url` pointed at another node: same scheme, credentials, database and query."""
+    parts = urlsplit(url)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{address}"))
 
 
 async def run_worker_cli(settings: Settings, target: str, job_type: str, concurrency: int) -> int:

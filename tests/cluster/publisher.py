@@ -173,16 +173,18 @@ class FailoverPublisher:
 async def wait_answers(
     publishers: list[FailoverPublisher], requests: list[Request], timeout: float, idle: float = 10
 ) -> set[str]:
-    """Wait until every request has a reply, or no reply came for `idle` seconds, or the
-    timeout; return the ids still unanswered."""
+    """Wait until every request has a reply, or no reply came for `idle` seconds (counted from
+    this call at the earliest), or the timeout; return the ids still unanswered."""
     ids = {r.message_id for r in requests}
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     while True:
         got: set[str] = set()
         for p in publishers:
             got |= p.answered(ids)
         missing = ids - got
         last = max((p.reply_times[-1] for p in publishers if p.reply_times), default=0.0)
+        last = max(last, started)
         now = time.monotonic()
         if not missing or now > deadline or now - last > idle:
             return missing

@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from tests.conftest import AMQP_BASE, REDIS_URL
 from tests.faults.daemons import DaemonProcess, daemon_env
 from tests.faults.ledger import LINES
 from tests.faults.proxy import Proxy
-from tests.faults.servers import RedisServer
+from tests.faults.servers import RedisClusterServers, RedisServer
+
+from jlm.config import Settings, load_settings
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -82,3 +85,52 @@ async def proxy() -> AsyncIterator[Proxy]:
     p = await Proxy("127.0.0.1", 5672).start()
     yield p
     await p.close()
+
+
+# -- a 3-master Redis Cluster per module -------------------------------------------------------
+# A module runs its tests against it by overriding `make_settings` and `redis_client` with
+# `cluster_settings` and `cluster_redis` (tests/faults/test_fault_redis_cluster.py).
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """Three masters on loopback, created for the module and killed after it."""
+    servers = RedisClusterServers(Path(tmp_path_factory.mktemp("redis-cluster")))
+    try:
+        yield servers.start()
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def cluster_settings(
+    vhost: str, namespace: str, cluster: RedisClusterServers
+) -> Callable[..., Settings]:
+    """Settings with JLM_REDIS_CLUSTER=true and JLM_REDIS_URL naming the cluster's first node."""
+
+    def make(**env: str) -> Settings:
+        base = {
+            "JLM_AMQP_URL": f"{AMQP_BASE}/{vhost}",
+            "JLM_REDIS_URL": cluster.url,
+            "JLM_REDIS_CLUSTER": "true",
+            "JLM_REDIS_NAMESPACE": namespace,
+            "JLM_METRICS_ADDR": "127.0.0.1:0",
+            "JLM_SHUTDOWN_TIMEOUT": "10",
+        }
+        base.update(env)
+        return load_settings(base)
+
+    return make
+
+
+@pytest.fixture
+async def cluster_redis(
+    cluster: RedisClusterServers, namespace: str
+) -> AsyncIterator[RedisCluster]:
+    """A cluster client; the test's namespace is deleted from every master after the test."""
+    client = RedisCluster.from_url(cluster.url)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    for key in keys:
+        await client.delete(key)
+    await client.aclose()

@@ -106,7 +106,8 @@ class RedisServer:
 class RedisClusterServers:
     """Three masters, no replicas, created with `redis-cli --cluster create`."""
 
-    def __init__(self, workdir: Path, masters: int = 3) -> None:
+    def __init__(self, workdir: Path, masters: int = 3, extra: tuple[str, ...] = ()) -> None:
+        """`extra`: more redis-server arguments for every node."""
         self.nodes = [
             RedisServer(
                 workdir / f"node{i}",
@@ -119,6 +120,7 @@ class RedisClusterServers:
                     # An explicit bus port: the default (port + 10000) may be taken or too high.
                     "--cluster-port",
                     str(free_port()),
+                    *extra,
                 ),
             )
             for i in range(masters)

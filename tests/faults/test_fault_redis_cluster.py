@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
-from tests.conftest import AMQP_BASE, RunningDaemon
+from tests.conftest import RunningDaemon
 from tests.faults.ledger import Accounting, job_hashes, request_records
 from tests.faults.servers import RedisClusterServers
 
@@ -33,47 +32,19 @@ from tests.test_daemon import (  # noqa: F401
 )
 
 from jlm.client import Client
-from jlm.config import Settings, load_settings
+from jlm.config import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
-    servers = RedisClusterServers(Path(tmp_path_factory.mktemp("redis-cluster")))
-    try:
-        yield servers.start()
-    finally:
-        servers.stop()
+@pytest.fixture
+def make_settings(cluster_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    return cluster_settings
 
 
 @pytest.fixture
-def make_settings(
-    vhost: str, namespace: str, cluster: RedisClusterServers
-) -> Callable[..., Settings]:
-    def make(**env: str) -> Settings:
-        base = {
-            "JLM_AMQP_URL": f"{AMQP_BASE}/{vhost}",
-            "JLM_REDIS_URL": cluster.url,
-            "JLM_REDIS_CLUSTER": "true",
-            "JLM_REDIS_NAMESPACE": namespace,
-            "JLM_METRICS_ADDR": "127.0.0.1:0",
-            "JLM_SHUTDOWN_TIMEOUT": "10",
-        }
-        base.update(env)
-        return load_settings(base)
-
-    return make
-
-
-@pytest.fixture
-async def redis_client(cluster: RedisClusterServers, namespace: str) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster.from_url(cluster.url)
-    yield client
-    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
-    for key in keys:
-        await client.delete(key)
-    await client.aclose()
+def redis_client(cluster_redis: RedisCluster) -> RedisCluster:
+    return cluster_redis
 
 
 async def test_every_operation_over_many_slots(
