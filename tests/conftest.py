@@ -66,8 +66,9 @@ def namespace() -> str:
     return f"jlmt{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def make_settings(vhost: str, namespace: str) -> Callable[..., Settings]:
+def settings_factory(vhost: str, namespace: str, **fixed: str) -> Callable[..., Settings]:
+    """Settings for a test's vhost and namespace; `fixed`, then each call's arguments, override."""
+
     def make(**env: str) -> Settings:
         base = {
             "JLM_AMQP_URL": f"{AMQP_BASE}/{vhost}",
@@ -75,11 +76,17 @@ def make_settings(vhost: str, namespace: str) -> Callable[..., Settings]:
             "JLM_REDIS_NAMESPACE": namespace,
             "JLM_METRICS_ADDR": "127.0.0.1:0",
             "JLM_SHUTDOWN_TIMEOUT": "10",
+            **fixed,
         }
         base.update(env)
         return load_settings(base)
 
     return make
+
+
+@pytest.fixture
+def make_settings(vhost: str, namespace: str) -> Callable[..., Settings]:
+    return settings_factory(vhost, namespace)
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from tests.conftest import AMQP_BASE, REDIS_URL
+from tests.conftest import AMQP_BASE, REDIS_URL, settings_factory
 from tests.faults.daemons import DaemonProcess, daemon_env
 from tests.faults.ledger import LINES
 from tests.faults.proxy import Proxy
 from tests.faults.servers import RedisClusterServers, RedisServer
 
-from jlm.config import Settings, load_settings
+from jlm.config import Settings
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -107,20 +107,7 @@ def cluster_settings(
     vhost: str, namespace: str, cluster: RedisClusterServers
 ) -> Callable[..., Settings]:
     """Settings with JLM_REDIS_CLUSTER=true and JLM_REDIS_URL naming the cluster's first node."""
-
-    def make(**env: str) -> Settings:
-        base = {
-            "JLM_AMQP_URL": f"{AMQP_BASE}/{vhost}",
-            "JLM_REDIS_URL": cluster.url,
-            "JLM_REDIS_CLUSTER": "true",
-            "JLM_REDIS_NAMESPACE": namespace,
-            "JLM_METRICS_ADDR": "127.0.0.1:0",
-            "JLM_SHUTDOWN_TIMEOUT": "10",
-        }
-        base.update(env)
-        return load_settings(base)
-
-    return make
+    return settings_factory(vhost, namespace, JLM_REDIS_URL=cluster.url, JLM_REDIS_CLUSTER="true")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
-from tests.conftest import AMQP_BASE, RunningDaemon, start_daemon
+from tests.conftest import RunningDaemon, settings_factory, start_daemon
 from tests.faults.servers import RedisClusterServers
 from tests.test_worker import JOB_TYPE, Env, WorkerProcess, until
 
@@ -42,7 +42,7 @@ from tests.test_worker_scripts import (  # noqa: F401
 )
 
 from jlm.client import Client
-from jlm.config import Settings, load_settings
+from jlm.config import Settings
 from jlm.keys import Keys, scope_tag
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -269,16 +269,9 @@ async def test_the_cancel_channel_moves_to_another_node_when_its_node_dies(
     cluster = RedisClusterServers(
         tmp_path / "cluster", extra=("--cluster-require-full-coverage", "no")
     ).start()
-    settings = load_settings(
-        {
-            "JLM_AMQP_URL": f"{AMQP_BASE}/{vhost}",
-            "JLM_REDIS_URL": cluster.url,
-            "JLM_REDIS_CLUSTER": "true",
-            "JLM_REDIS_NAMESPACE": namespace,
-            "JLM_METRICS_ADDR": "127.0.0.1:0",
-            "JLM_SHUTDOWN_TIMEOUT": "10",
-        }
-    )
+    settings = settings_factory(
+        vhost, namespace, JLM_REDIS_URL=cluster.url, JLM_REDIS_CLUSTER="true"
+    )()
     channel = Keys(namespace).cancel_channel
     client = RedisCluster.from_url(cluster.url)
     daemon = await start_daemon(settings)
