@@ -95,11 +95,12 @@ async def connect_first(settings: Settings, name: str) -> AbstractConnection:
             log.info("connected to %s", redact_url(url))
             return conn
         except (AMQPError, OSError, TimeoutError) as exc:
-            errors.append(f"{redact_url(url)}: {type(exc).__name__}: {_safe(exc)}")
+            errors.append(f"{redact_url(url)}: {type(exc).__name__}: {why(exc)}")
     raise Unavailable("rabbitmq: no node answered (" + "; ".join(errors) + ")", "rabbitmq")
 
 
-def _safe(exc: BaseException) -> str:
+def why(exc: BaseException) -> str:
+    """An exception's text for a log line or an error: URLs redacted, at most 200 characters."""
     return redact_url(str(exc))[:200]
 
 
@@ -127,124 +128,31 @@ def request_queue_arguments(settings: Settings) -> dict[str, Any]:
     return args
 
 
-class Broker:
-    """One AMQP session: consume channel, confirmed publish channel, reply channel."""
+class AmqpSession:
+    """One AMQP connection with a consumer and a confirmed publish channel; the daemon's `Broker`
+    and the worker's `WorkerBroker` are two kinds of it."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._metrics = metrics
         self.connection: AbstractConnection | None = None
         self._consume_ch: AbstractChannel | None = None
         self._publish_ch: AbstractChannel | None = None
-        self._reply_ch: AbstractChannel | None = None
-        self._jobs: AbstractExchange | None = None
-        self._events: AbstractExchange | None = None
-        self._dead: AbstractExchange | None = None
-        self._requests: AbstractQueue | None = None
+        self._consume_queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
-        self._declared: set[str] = set()
-        self._declare_lock = asyncio.Lock()
         self.closed = asyncio.Event()
 
-    async def open(self) -> None:
-        conn = await connect_first(self._settings, "jlm daemon")
-        self.connection = conn
-        conn.close_callbacks.add(lambda *_: self.closed.set())
+    async def _start_consuming(self, callback: Callback) -> None:
+        assert self._consume_queue is not None
         try:
-            self._consume_ch = await conn.channel(publisher_confirms=False)
-            await self._consume_ch.set_qos(prefetch_count=self._settings.prefetch)
-            self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
-            self._reply_ch = await conn.channel(publisher_confirms=False)
-            # A channel the broker closed (e.g. a publish to a deleted exchange) is never reopened:
-            # it ends the session, and the next one declares the topology again.
-            for ch in (self._consume_ch, self._publish_ch, self._reply_ch):
-                ch.close_callbacks.add(lambda *_: self.closed.set())
-            await self.declare_topology()
-        except (AMQPError, OSError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
-                raise
-            await self.close()
-            raise Unavailable(f"rabbitmq: {type(exc).__name__}: {_safe(exc)}", "rabbitmq") from exc
-
-    async def declare_topology(self) -> None:
-        """Idempotent declarations of every fixed name of the contract."""
-        ch = self._publish_ch
-        assert ch is not None
-        assert self._consume_ch is not None
-        s = self._settings
-        durable = True
-        requests_x = await ch.declare_exchange(
-            REQUESTS, aio_pika.ExchangeType.TOPIC, durable=durable
-        )
-        self._jobs = await ch.declare_exchange(JOBS, aio_pika.ExchangeType.DIRECT, durable=durable)
-        self._events = await ch.declare_exchange(
-            EVENTS, aio_pika.ExchangeType.TOPIC, durable=durable
-        )
-        self._dead = await ch.declare_exchange(DEAD, aio_pika.ExchangeType.FANOUT, durable=durable)
-        dead_q = await ch.declare_queue(DEAD, durable=durable)
-        await dead_q.bind(self._dead, routing_key="")
-        prov = await ch.declare_queue(
-            PROVENANCE,
-            durable=durable,
-            arguments={
-                "x-queue-type": "stream",
-                "x-max-age": s.provenance_max_age,
-                "x-max-length-bytes": s.provenance_max_bytes,
-            },
-        )
-        await prov.bind(self._events, routing_key="#")
-        self._requests = await self._consume_ch.declare_queue(
-            REQUESTS,
-            durable=durable,
-            arguments=request_queue_arguments(s),
-        )
-        await self._requests.bind(requests_x, routing_key="#")
-
-    async def ensure_job_queue(self, queue: str, job_type: str) -> None:
-        """Declare a job queue (priority 1..10) and its binding once per session."""
-        if queue in self._declared:
-            return
-        async with self._declare_lock:
-            if queue in self._declared:
-                return
-            assert self.connection is not None
-            assert self._jobs is not None
-            try:
-                # On a channel of its own: a queue declared elsewhere with other arguments fails
-                # the declaration (PRECONDITION_FAILED) and closes only this channel.
-                async with self.connection.channel() as ch:
-                    q = await ch.declare_queue(
-                        queue,
-                        durable=True,
-                        arguments={"x-max-priority": 10},
-                    )
-                    await q.bind(self._jobs, routing_key=job_type)
-            except (AMQPError, OSError) as exc:
-                raise Unavailable(f"rabbitmq: declaring {queue}: {_safe(exc)}", "rabbitmq") from exc
-            self._declared.add(queue)
-
-    @property
-    def job_queues(self) -> frozenset[str]:
-        """The job queues this session has declared (bounded by the job types in use)."""
-        return frozenset(self._declared)
-
-    async def consume(self, callback: Callback, prefetch: int | None = None) -> None:
-        """Consume jlm.requests; `prefetch` replaces the setting for this and later consumers."""
-        assert self._requests is not None
-        assert self._consume_ch is not None
-        try:
-            if prefetch is not None:
-                await self._consume_ch.set_qos(prefetch_count=prefetch)
-            self._consumer_tag = await self._requests.consume(callback, no_ack=False)
+            self._consumer_tag = await self._consume_queue.consume(callback, no_ack=False)
         except (AMQPError, OSError, RuntimeError) as exc:
-            log.warning("cannot consume %s: %s", REQUESTS, _safe(exc))
-            self.closed.set()  # the session is over: the service opens another
+            raise Unavailable(f"rabbitmq: consume: {why(exc)}", "rabbitmq") from exc
 
     async def stop_consuming(self) -> None:
-        if self._requests is not None and self._consumer_tag is not None:
+        if self._consume_queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
-                await self._requests.cancel(tag)
+                await self._consume_queue.cancel(tag)
             except (AMQPError, OSError, RuntimeError) as exc:
                 log.debug("cancel consumer: %s", exc)
 
@@ -256,6 +164,9 @@ class Broker:
             and not self._consume_ch.is_closed
             and not self.closed.is_set()
         )
+
+    def _returned(self) -> None:
+        """A mandatory message came back unroutable (the daemon forgets its declarations)."""
 
     async def _confirmed(
         self,
@@ -279,15 +190,14 @@ class Broker:
                 wait=False,
             )
         except PublishError as exc:
-            # Returned: nothing is bound for it (e.g. the job queue was deleted). Forget the
-            # declaration so that the retry declares it again.
-            self._declared.clear()
+            # Returned: nothing is bound for it (e.g. the job queue was deleted).
+            self._returned()
             raise Unavailable(
                 f"rabbitmq: unroutable message to {exchange}/{routing_key}",
                 "rabbitmq",
             ) from exc
         except (DeliveryError, AMQPError, OSError, RuntimeError) as exc:
-            raise Unavailable(f"rabbitmq: publish failed: {_safe(exc)}", "rabbitmq") from exc
+            raise Unavailable(f"rabbitmq: publish failed: {why(exc)}", "rabbitmq") from exc
         if not isinstance(confirm, Basic.Ack):
             raise Unavailable(
                 f"rabbitmq: broker refused a message to {exchange}/{routing_key}",
@@ -331,6 +241,136 @@ class Broker:
         except Unavailable as exc:
             return exc
         return None
+
+    @staticmethod
+    async def ack(message: AbstractIncomingMessage) -> None:
+        """Ack a delivery on its own channel, without waiting for the frame to reach the socket.
+
+        The ack follows the reply's frames on the connection. Lost with the connection, the
+        request is redelivered and its recorded decision replayed.
+        """
+        assert message.delivery_tag is not None
+        await message.channel.basic_ack(message.delivery_tag, wait=False)
+
+    async def close(self) -> None:
+        if self.connection is not None and not self.connection.is_closed:
+            try:
+                await self.connection.close()
+            except (AMQPError, OSError, RuntimeError) as exc:
+                log.debug("close: %s", exc)
+        self.closed.set()
+
+
+class Broker(AmqpSession):
+    """One AMQP session: consume channel, confirmed publish channel, reply channel."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        super().__init__(settings)
+        self._metrics = metrics
+        self._reply_ch: AbstractChannel | None = None
+        self._jobs: AbstractExchange | None = None
+        self._events: AbstractExchange | None = None
+        self._dead: AbstractExchange | None = None
+        self._declared: set[str] = set()
+        self._declare_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        conn = await connect_first(self._settings, "jlm daemon")
+        self.connection = conn
+        conn.close_callbacks.add(lambda *_: self.closed.set())
+        try:
+            self._consume_ch = await conn.channel(publisher_confirms=False)
+            await self._consume_ch.set_qos(prefetch_count=self._settings.prefetch)
+            self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+            self._reply_ch = await conn.channel(publisher_confirms=False)
+            # A channel the broker closed (e.g. a publish to a deleted exchange) is never reopened:
+            # it ends the session, and the next one declares the topology again.
+            for ch in (self._consume_ch, self._publish_ch, self._reply_ch):
+                ch.close_callbacks.add(lambda *_: self.closed.set())
+            await self.declare_topology()
+        except (AMQPError, OSError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
+                raise
+            await self.close()
+            raise Unavailable(f"rabbitmq: {type(exc).__name__}: {why(exc)}", "rabbitmq") from exc
+
+    async def declare_topology(self) -> None:
+        """Idempotent declarations of every fixed name of the contract."""
+        ch = self._publish_ch
+        assert ch is not None
+        assert self._consume_ch is not None
+        s = self._settings
+        durable = True
+        requests_x = await ch.declare_exchange(
+            REQUESTS, aio_pika.ExchangeType.TOPIC, durable=durable
+        )
+        self._jobs = await ch.declare_exchange(JOBS, aio_pika.ExchangeType.DIRECT, durable=durable)
+        self._events = await ch.declare_exchange(
+            EVENTS, aio_pika.ExchangeType.TOPIC, durable=durable
+        )
+        self._dead = await ch.declare_exchange(DEAD, aio_pika.ExchangeType.FANOUT, durable=durable)
+        dead_q = await ch.declare_queue(DEAD, durable=durable)
+        await dead_q.bind(self._dead, routing_key="")
+        prov = await ch.declare_queue(
+            PROVENANCE,
+            durable=durable,
+            arguments={
+                "x-queue-type": "stream",
+                "x-max-age": s.provenance_max_age,
+                "x-max-length-bytes": s.provenance_max_bytes,
+            },
+        )
+        await prov.bind(self._events, routing_key="#")
+        self._consume_queue = await self._consume_ch.declare_queue(
+            REQUESTS,
+            durable=durable,
+            arguments=request_queue_arguments(s),
+        )
+        await self._consume_queue.bind(requests_x, routing_key="#")
+
+    async def ensure_job_queue(self, queue: str, job_type: str) -> None:
+        """Declare a job queue (priority 1..10) and its binding once per session."""
+        if queue in self._declared:
+            return
+        async with self._declare_lock:
+            if queue in self._declared:
+                return
+            assert self.connection is not None
+            assert self._jobs is not None
+            try:
+                # On a channel of its own: a queue declared elsewhere with other arguments fails
+                # the declaration (PRECONDITION_FAILED) and closes only this channel.
+                async with self.connection.channel() as ch:
+                    q = await ch.declare_queue(
+                        queue,
+                        durable=True,
+                        arguments={"x-max-priority": 10},
+                    )
+                    await q.bind(self._jobs, routing_key=job_type)
+            except (AMQPError, OSError) as exc:
+                raise Unavailable(f"rabbitmq: declaring {queue}: {why(exc)}", "rabbitmq") from exc
+            self._declared.add(queue)
+
+    @property
+    def job_queues(self) -> frozenset[str]:
+        """The job queues this session has declared (bounded by the job types in use)."""
+        return frozenset(self._declared)
+
+    async def consume(self, callback: Callback, prefetch: int | None = None) -> None:
+        """Consume jlm.requests; `prefetch` replaces the setting for this and later consumers."""
+        assert self._consume_ch is not None
+        try:
+            if prefetch is not None:
+                await self._consume_ch.set_qos(prefetch_count=prefetch)
+            await self._start_consuming(callback)
+        except (Unavailable, AMQPError, OSError, RuntimeError) as exc:
+            log.warning("cannot consume %s: %s", REQUESTS, why(exc))
+            self.closed.set()  # the session is over: the service opens another
+
+    def _returned(self) -> None:
+        # Forget the declarations, so that the retry declares the job queue again (it may have
+        # been deleted).
+        self._declared.clear()
 
     async def publish_decision(
         self,
@@ -428,17 +468,7 @@ class Broker:
                 orjson.dumps(body), routing_key=reply_to, properties=props, wait=False
             )
         except (AMQPError, OSError, RuntimeError) as exc:
-            log.warning("reply to %s not sent: %s", reply_to[:100], _safe(exc))
-
-    @staticmethod
-    async def ack(message: AbstractIncomingMessage) -> None:
-        """Ack a delivery on its own channel, without waiting for the frame to reach the socket.
-
-        The ack follows the reply's frames on the connection. Lost with the connection, the
-        request is redelivered and its recorded decision replayed.
-        """
-        assert message.delivery_tag is not None
-        await message.channel.basic_ack(message.delivery_tag, wait=False)
+            log.warning("reply to %s not sent: %s", reply_to[:100], why(exc))
 
     async def queue_depth(self, name: str) -> int | None:
         """Messages ready in a queue (passive declare on a throw-away channel)."""
@@ -479,11 +509,3 @@ class Broker:
         except asyncio.CancelledError:
             if _cancelled_here():
                 raise
-
-    async def close(self) -> None:
-        if self.connection is not None and not self.connection.is_closed:
-            try:
-                await self.connection.close()
-            except (AMQPError, OSError, RuntimeError) as exc:
-                log.debug("close: %s", exc)
-        self.closed.set()
