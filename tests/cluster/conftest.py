@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 from tests.cluster.rabbit_cluster import RabbitCluster, available
-
-LINES: list[str] = []  # accounting lines, printed again in the terminal summary
+from tests.cluster.summary import LINES
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

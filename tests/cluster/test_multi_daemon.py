@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from tests.cluster.conftest import LINES
 from tests.cluster.publisher import FailoverPublisher, wait_answers
 from tests.cluster.scopes import (
     check_one_live_job_of_the_newest,
@@ -26,6 +25,7 @@ from tests.cluster.scopes import (
     check_supersede_chains,
     manage_requests,
 )
+from tests.cluster.summary import LINES
 from tests.conftest import AMQP_BASE, REDIS_URL
 from tests.faults.daemons import DaemonProcess, daemon_env, metric
 from tests.faults.ledger import account, collect, queue_count, unequal_replies

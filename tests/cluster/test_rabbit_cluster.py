@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from tests.cluster.conftest import LINES
 from tests.cluster.publisher import FailoverPublisher, wait_answers
 from tests.cluster.rabbit_cluster import MIRROR_POLICY, RabbitCluster, RabbitNode
 from tests.cluster.scopes import (
@@ -31,6 +30,7 @@ from tests.cluster.scopes import (
     check_supersede_chains,
     manage_requests,
 )
+from tests.cluster.summary import LINES
 from tests.conftest import REDIS_URL
 from tests.faults.daemons import DaemonProcess, daemon_env
 from tests.faults.ledger import account, collect, queue_count, unequal_replies
