@@ -132,14 +132,32 @@ class AmqpSession:
     """One AMQP connection with a consumer and a confirmed publish channel; the daemon's `Broker`
     and the worker's `WorkerBroker` are two kinds of it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, name: str) -> None:
         self._settings = settings
+        self._name = name  # the connection name the broker shows
         self.connection: AbstractConnection | None = None
         self._consume_ch: AbstractChannel | None = None
         self._publish_ch: AbstractChannel | None = None
         self._consume_queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self.closed = asyncio.Event()
+
+    async def open(self) -> None:
+        """Connect to the first node that answers and set the session up; Unavailable if not."""
+        conn = await connect_first(self._settings, self._name)
+        self.connection = conn
+        conn.close_callbacks.add(lambda *_: self.closed.set())
+        try:
+            await self._setup(conn)
+        except (AMQPError, OSError, RuntimeError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
+                raise
+            await self.close()
+            raise Unavailable(f"rabbitmq: {type(exc).__name__}: {why(exc)}", "rabbitmq") from exc
+
+    async def _setup(self, conn: AbstractConnection) -> None:
+        """Open the channels and declare (or look up) what the session uses."""
+        raise NotImplementedError
 
     async def _start_consuming(self, callback: Callback) -> None:
         assert self._consume_queue is not None
@@ -265,7 +283,7 @@ class Broker(AmqpSession):
     """One AMQP session: consume channel, confirmed publish channel, reply channel."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        super().__init__(settings)
+        super().__init__(settings, "jlm daemon")
         self._metrics = metrics
         self._reply_ch: AbstractChannel | None = None
         self._jobs: AbstractExchange | None = None
@@ -274,25 +292,16 @@ class Broker(AmqpSession):
         self._declared: set[str] = set()
         self._declare_lock = asyncio.Lock()
 
-    async def open(self) -> None:
-        conn = await connect_first(self._settings, "jlm daemon")
-        self.connection = conn
-        conn.close_callbacks.add(lambda *_: self.closed.set())
-        try:
-            self._consume_ch = await conn.channel(publisher_confirms=False)
-            await self._consume_ch.set_qos(prefetch_count=self._settings.prefetch)
-            self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
-            self._reply_ch = await conn.channel(publisher_confirms=False)
-            # A channel the broker closed (e.g. a publish to a deleted exchange) is never reopened:
-            # it ends the session, and the next one declares the topology again.
-            for ch in (self._consume_ch, self._publish_ch, self._reply_ch):
-                ch.close_callbacks.add(lambda *_: self.closed.set())
-            await self.declare_topology()
-        except (AMQPError, OSError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
-                raise
-            await self.close()
-            raise Unavailable(f"rabbitmq: {type(exc).__name__}: {why(exc)}", "rabbitmq") from exc
+    async def _setup(self, conn: AbstractConnection) -> None:
+        self._consume_ch = await conn.channel(publisher_confirms=False)
+        await self._consume_ch.set_qos(prefetch_count=self._settings.prefetch)
+        self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        self._reply_ch = await conn.channel(publisher_confirms=False)
+        # A channel the broker closed (e.g. a publish to a deleted exchange) is never reopened:
+        # it ends the session, and the next one declares the topology again.
+        for ch in (self._consume_ch, self._publish_ch, self._reply_ch):
+            ch.close_callbacks.add(lambda *_: self.closed.set())
+        await self.declare_topology()
 
     async def declare_topology(self) -> None:
         """Idempotent declarations of every fixed name of the contract."""

@@ -6,10 +6,11 @@ import logging
 
 import aio_pika
 import orjson
-from aiormq.exceptions import AMQPError, ChannelAccessRefused
+from aio_pika.abc import AbstractConnection
+from aiormq.exceptions import ChannelAccessRefused
 from pamqp.commands import Basic
 
-from jlm.broker import EVENTS, JOBS, JSON, AmqpSession, Callback, Outgoing, connect_first, why
+from jlm.broker import EVENTS, JOBS, JSON, AmqpSession, Callback, Outgoing
 from jlm.config import Settings
 from jlm.errors import Unavailable
 from jlm.provenance import Event
@@ -23,25 +24,17 @@ class WorkerBroker(AmqpSession):
     """Consume channel (prefetch = concurrency) and confirmed publish channel of one connection."""
 
     def __init__(self, settings: Settings, name: str, queue: str, job_type: str, prefetch: int):
-        super().__init__(settings)
-        self._name = name
+        super().__init__(settings, name)
         self.queue_name = queue
         self._job_type = job_type
         self._prefetch = prefetch
 
-    async def open(self) -> None:
-        conn = await connect_first(self._settings, self._name)
-        self.connection = conn
-        conn.close_callbacks.add(lambda *_: self.closed.set())
-        try:
-            self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
-            await self._declare()
-            self._consume_ch = await conn.channel(publisher_confirms=False)
-            await self._consume_ch.set_qos(prefetch_count=self._prefetch)
-            self._consume_queue = await self._consume_ch.get_queue(self.queue_name, ensure=False)
-        except (AMQPError, OSError, RuntimeError) as exc:
-            await self.close()
-            raise Unavailable(f"rabbitmq: {type(exc).__name__}: {why(exc)}", "rabbitmq") from exc
+    async def _setup(self, conn: AbstractConnection) -> None:
+        self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
+        await self._declare()
+        self._consume_ch = await conn.channel(publisher_confirms=False)
+        await self._consume_ch.set_qos(prefetch_count=self._prefetch)
+        self._consume_queue = await self._consume_ch.get_queue(self.queue_name, ensure=False)
 
     async def _declare(self) -> None:
         """Declare exactly as the daemon does (harmless twice); with no configure permission,
