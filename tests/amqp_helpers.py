@@ -7,7 +7,7 @@ from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from jlm.config import Settings
 
@@ -43,23 +43,34 @@ async def queue_exists(settings: Settings, queue: str) -> bool:
         return True
 
 
+async def events_on(
+    conn: AbstractConnection, *, idle: float = 1.0, limit: float = 90.0, prefetch: int = 1000
+) -> list[dict[str, Any]]:
+    """Every event in jlm.provenance, oldest first, on an open connection: read until no event
+    came for `idle` seconds; failing if the stream does not go quiet within `limit` seconds."""
+    events: list[dict[str, Any]] = []
+    ch = await conn.channel()
+    await ch.set_qos(prefetch_count=prefetch)
+    q = await ch.get_queue("jlm.provenance", ensure=False)
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+
+    async def on(msg: AbstractIncomingMessage) -> None:
+        nonlocal last
+        last = loop.time()
+        events.append(orjson.loads(msg.body))
+        await msg.ack()
+
+    await q.consume(on, arguments={"x-stream-offset": "first"})
+    deadline = loop.time() + limit
+    while loop.time() - last < idle:
+        assert loop.time() < deadline, "the event stream never went quiet"
+        await asyncio.sleep(0.1)
+    await ch.close()
+    return events
+
+
 async def read_stream(settings: Settings, *, idle: float = 1.0) -> list[dict[str, Any]]:
     """Every event in jlm.provenance, oldest first."""
-    events: list[dict[str, Any]] = []
-    conn = await aio_pika.connect(settings.amqp_urls[0])
-    async with conn:
-        ch = await conn.channel()
-        await ch.set_qos(prefetch_count=1000)
-        q = await ch.declare_queue("jlm.provenance", passive=True)
-        last = asyncio.get_running_loop().time()
-
-        async def on(msg: AbstractIncomingMessage) -> None:
-            nonlocal last
-            last = asyncio.get_running_loop().time()
-            events.append(orjson.loads(msg.body))
-            await msg.ack()
-
-        await q.consume(on, arguments={"x-stream-offset": "first"})
-        while asyncio.get_running_loop().time() - last < idle:
-            await asyncio.sleep(0.1)
-    return events
+    async with await aio_pika.connect(settings.amqp_urls[0]) as conn:
+        return await events_on(conn, idle=idle)

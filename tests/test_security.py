@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 from redis.exceptions import NoPermissionError, ResponseError
-from tests.amqp_helpers import drain_queue, read_stream
+from tests.amqp_helpers import drain_queue, events_on, read_stream
 from tests.conftest import AMQP_BASE, start_daemon
 from tests.security_helpers import (
     DAEMON_GRANTS,
@@ -547,28 +547,6 @@ async def tls(
         await admin.execute_command("ACL", "DELUSER", setup.redis_user)
 
 
-async def read_events(conn: AbstractConnection, *, idle: float = 1.0) -> list[dict[str, Any]]:
-    """Every event in jlm.provenance on an open connection."""
-    events: list[dict[str, Any]] = []
-    ch = await conn.channel()
-    await ch.set_qos(prefetch_count=1000)
-    q = await ch.get_queue("jlm.provenance", ensure=False)
-    loop = asyncio.get_running_loop()
-    last = loop.time()
-
-    async def on(msg: AbstractIncomingMessage) -> None:
-        nonlocal last
-        last = loop.time()
-        events.append(orjson.loads(msg.body))
-        await msg.ack()
-
-    await q.consume(on, arguments={"x-stream-offset": "first"})
-    while loop.time() - last < idle:
-        await asyncio.sleep(0.1)
-    await ch.close()
-    return events
-
-
 async def test_every_operation_over_tls_with_least_rights(tls: TlsSetup) -> None:
     settings = tls.settings()
     assert settings.amqp_urls[0].startswith("amqps://")
@@ -622,7 +600,7 @@ async def test_every_operation_over_tls_with_least_rights(tls: TlsSetup) -> None
         assert running.service.health.ready
         conn = await amqp_connect(settings.amqp_urls[0], tls.pki)
         async with conn:
-            types = [e["type"] for e in await read_events(conn)]
+            types = [e["type"] for e in await events_on(conn)]
         for kind in ("job.enqueued", "job.superseded", "job.deduplicated", "cache.invalidated"):
             assert kind in types
         assert types.count("job.cancelled") == 1

@@ -20,6 +20,7 @@ import aio_pika
 import orjson
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
+from tests.amqp_helpers import events_on
 
 LINES: list[str] = []  # printed again in the terminal summary (see conftest.py)
 
@@ -128,27 +129,8 @@ async def stream_events(
     amqp_url: str, *, idle: float = 1.5, limit: float = 90.0
 ) -> list[dict[str, Any]]:
     """Every event in jlm.provenance, oldest first (read until idle, at most `limit` s)."""
-    events: list[dict[str, Any]] = []
-    conn = await aio_pika.connect(amqp_url)
-    async with conn:
-        ch = await conn.channel()
-        await ch.set_qos(prefetch_count=2000)
-        q = await ch.declare_queue("jlm.provenance", passive=True)
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-
-        async def on(msg: AbstractIncomingMessage) -> None:
-            nonlocal last
-            last = loop.time()
-            events.append(orjson.loads(msg.body))
-            await msg.ack()
-
-        await q.consume(on, arguments={"x-stream-offset": "first"})
-        deadline = loop.time() + limit
-        while loop.time() - last < idle:
-            assert loop.time() < deadline, "the event stream never went quiet"
-            await asyncio.sleep(0.1)
-    return events
+    async with await aio_pika.connect(amqp_url) as conn:
+        return await events_on(conn, idle=idle, limit=limit, prefetch=2000)
 
 
 @dataclass
