@@ -188,14 +188,15 @@ def error_reply(code: str, message: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class JobMessage:
-    """What goes to `jlm.jobs.<job_type>`."""
+    """What goes to `jlm.jobs.<job_type>` (the daemon always sets `enqueued_at`; a worker reading
+    a message from another publisher may find none)."""
 
     job_id: str
     job_type: str
     cache_prefix: str
     payload: dict[str, Any]
     priority: int
-    enqueued_at: str
+    enqueued_at: str | None
 
     def body(self) -> dict[str, Any]:
         return {

@@ -36,7 +36,7 @@ from jlm.worker_job import (
     Active,
     Handler,
     Job,
-    JobMessage,
+    ReceivedJob,
     now,
     parse_job_message,
     worker_event,
@@ -263,7 +263,7 @@ class Worker:
         later.append(self._emit(unclaimed(self._deps, msg, facts)))
         return "ack"
 
-    async def _claim(self, broker: WorkerBroker, msg: JobMessage, gen: int) -> Facts | None:
+    async def _claim(self, broker: WorkerBroker, msg: ReceivedJob, gen: int) -> Facts | None:
         """Claim, or wait while another run holds a live lease. None: give the message back."""
         jt = self.settings.file.job_type(msg.job_type)
         max_attempts = jt.max_attempts if jt is not None else 1
@@ -287,7 +287,9 @@ class Worker:
             await first_of(self._stopping.wait(), broker.closed.wait(), asyncio.sleep(wait))
         return None
 
-    async def _execute(self, msg: JobMessage, facts: Facts, later: list[Awaitable[None]]) -> Settle:
+    async def _execute(
+        self, msg: ReceivedJob, facts: Facts, later: list[Awaitable[None]]
+    ) -> Settle:
         job = Job(
             id=msg.job_id,
             job_type=str(facts.get("job_type") or msg.job_type),
@@ -424,9 +426,9 @@ class Worker:
     async def _emit(self, event: Event) -> None:
         await self._publish(lambda b: b.publish_event(event), f"event {event.type}")
 
-    async def _republish(self, msg: JobMessage, gen: int) -> bool:
+    async def _republish(self, msg: ReceivedJob, gen: int) -> bool:
         return await self._publish(
-            lambda b: b.publish_job(msg.body, msg.job_id, msg.job_type, msg.priority, gen),
+            lambda b: b.publish_job(msg.raw, msg.job_id, msg.job_type, msg.priority, gen),
             f"job message {msg.job_id}",
         )
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 
 from jlm.keys import tag_of_job
-from jlm.protocol import iso
+from jlm.protocol import JobMessage, iso
 from jlm.provenance import Event, new_id, scope_of
 from jlm.worker_store import Run
 
@@ -38,19 +38,14 @@ Interruption = Literal["cancelled", "lost", "stopping"]
 
 
 @dataclass(frozen=True, slots=True)
-class JobMessage:
-    """A message of `jlm.jobs.<job_type>`, as published by the daemon (or re-published on retry)."""
+class ReceivedJob(JobMessage):
+    """A message of `jlm.jobs.<job_type>` as a worker received it: the job message and its bytes
+    (a retry re-publishes them unchanged)."""
 
-    job_id: str
-    job_type: str
-    cache_prefix: str
-    payload: dict[str, Any]
-    priority: int
-    enqueued_at: str | None
-    body: bytes
+    raw: bytes
 
 
-def parse_job_message(body: bytes) -> JobMessage | None:
+def parse_job_message(body: bytes) -> ReceivedJob | None:
     """The message, or None when it is not a job message of ours (acked and skipped)."""
     try:
         data = orjson.loads(body)
@@ -67,7 +62,7 @@ def parse_job_message(body: bytes) -> JobMessage | None:
     if not isinstance(payload, dict) or type(priority) is not int:
         return None
     at = data.get("enqueued_at")
-    return JobMessage(
+    return ReceivedJob(
         job_id, job_type, prefix, payload, priority, at if isinstance(at, str) else None, body
     )
 

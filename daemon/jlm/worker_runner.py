@@ -17,7 +17,7 @@ from jlm.config import Settings
 from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.provenance import Event
-from jlm.worker_job import Active, Handler, JobMessage, now, worker_event
+from jlm.worker_job import Active, Handler, ReceivedJob, now, worker_event
 from jlm.worker_store import Facts, Outcome, WorkerStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Deps:
     metrics: Metrics
     handler: Handler
     emit: Callable[[Event], Awaitable[None]]
-    republish: Callable[[JobMessage, int], Awaitable[bool]]
+    republish: Callable[[ReceivedJob, int], Awaitable[bool]]
     abandon: Callable[[asyncio.Task[Any], str], None]
     warn: Callable[[str, str, str], None]
     stopping: asyncio.Event
@@ -63,7 +63,7 @@ class JobRunner:
         self,
         deps: Deps,
         active: Active,
-        msg: JobMessage,
+        msg: ReceivedJob,
         claimed: asyncio.Task[None],
         later: list[Awaitable[None]],
     ) -> None:
@@ -314,7 +314,7 @@ async def beat(d: Deps, active: Active) -> bool:
     return False
 
 
-def unclaimed(d: Deps, msg: JobMessage, facts: Facts) -> Event:
+def unclaimed(d: Deps, msg: ReceivedJob, facts: Facts) -> Event:
     """Count a claim that ran nothing (a skipped message, or a lost worker's job); its event."""
     scope = (facts.get("cache_prefix"), facts.get("job_type"))
     label = d.metrics.job_type_label(facts.get("job_type") or msg.job_type)
