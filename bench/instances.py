@@ -34,12 +34,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiormq
-import psutil
 import redis.asyncio as aioredis
 import uvloop
 
@@ -54,41 +53,11 @@ from bench.amqp import (
     request_body,
 )
 from bench.env import BenchEnv, loadavg, machine
-from bench.procs import Proc, free_port, start_daemon
+from bench.procs import Proc, ServerCpu, free_port, start_daemon
 from jlm.broker import REQUESTS
 from jlm.config import load_settings
 
 RABBIT_DATA = "/var/lib/rabbitmq/mnesia/rabbit@localhost"
-
-
-class Servers:
-    """CPU seconds of the machine's broker and Redis (the processes listening on 5672 and 6379)."""
-
-    def __init__(self, ports: dict[str, int] | None = None) -> None:
-        ports = ports or {"rabbitmq": 5672, "redis": 6379}
-        self.procs: dict[str, psutil.Process] = {}
-        for p in psutil.process_iter(["name"]):
-            if not (p.info["name"] or "").startswith(("beam", "redis-server")):
-                continue
-            try:
-                listening = {
-                    c.laddr.port for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN
-                }
-            except psutil.Error:
-                continue
-            for name, port in ports.items():
-                if port in listening:
-                    self.procs[name] = p
-
-    def seconds(self) -> dict[str, float]:
-        out = {}
-        for name, p in self.procs.items():
-            try:
-                t = p.cpu_times()
-                out[name] = float(t.user + t.system)
-            except psutil.Error:
-                out[name] = 0.0
-        return out
 
 
 def ready(proc: Proc) -> bool:
@@ -112,7 +81,7 @@ class Runner:
         self.args = args
         self.env = env
         self.amqp = amqp
-        self.servers = Servers()
+        self.servers = ServerCpu()
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')} load {loadavg()}] {msg}", flush=True)
@@ -141,8 +110,13 @@ class Runner:
             procs.append(proc)
         return procs
 
-    async def wait_replies(self, target: int, procs: list[Proc]) -> list[tuple[float, int, bool]]:
-        """(time, replies, all ready) samples until `target` replies."""
+    async def wait_replies(
+        self,
+        target: int,
+        procs: list[Proc],
+        on_sample: Callable[[float, int, bool], None] | None = None,
+    ) -> list[tuple[float, int, bool]]:
+        """(time, replies, all ready) samples until `target` replies; each also to `on_sample`."""
         samples: list[tuple[float, int, bool]] = []
         all_ready = False
         last, last_change = -1, time.monotonic()
@@ -153,6 +127,8 @@ class Runner:
             count = await self.amqp.count(REPLIES)
             now = time.monotonic()
             samples.append((now, count, all_ready))
+            if on_sample is not None:
+                on_sample(now, count, all_ready)
             if count != last:
                 last, last_change = count, now
             if count >= target:
@@ -176,30 +152,15 @@ class Runner:
             out["daemons"] = sum(p.cpu_seconds() for p in procs if p.alive())
             return out
 
+        def snapshot(now: float, count: int, all_ready: bool) -> None:
+            nonlocal cpu_lo, cpu_hi
+            if not cpu_lo and all_ready and count >= 0.1 * n:
+                cpu_lo = cpu() | {"t": now, "n": count}
+            if not cpu_hi and count >= 0.9 * n:
+                cpu_hi = cpu() | {"t": now, "n": count}
+
         try:
-            samples: list[tuple[float, int, bool]] = []
-            all_ready = False
-            last, last_change = -1, time.monotonic()
-            while True:
-                if not all_ready:
-                    states = await asyncio.gather(*(asyncio.to_thread(ready, p) for p in procs))
-                    all_ready = all(states)
-                count = await self.amqp.count(REPLIES)
-                now = time.monotonic()
-                samples.append((now, count, all_ready))
-                if not cpu_lo and all_ready and count >= 0.1 * n:
-                    cpu_lo = cpu() | {"t": now, "n": count}
-                if not cpu_hi and count >= 0.9 * n:
-                    cpu_hi = cpu() | {"t": now, "n": count}
-                if count >= n:
-                    break
-                if count != last:
-                    last, last_change = count, now
-                if now - last_change > 60:
-                    raise RuntimeError(f"stuck at {count}/{n} replies")
-                if not all(p.alive() for p in procs):
-                    raise RuntimeError(f"a daemon exited at {count}/{n} replies")
-                await asyncio.sleep(0.02)
+            await self.wait_replies(n, procs, snapshot)
         finally:
             codes = [await p.stop() for p in procs]
         if not cpu_lo or not cpu_hi or cpu_hi["n"] <= cpu_lo["n"]:
