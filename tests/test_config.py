@@ -79,7 +79,7 @@ FILE_KEYS = [
     Row("default_result_ttl", "60", 60, "1.5"),
     Row("max_job_types", "5", 5, "0"),
     Row("job_types", '{ "a.b" = { policy = "skip" } }', {"a.b"}, '{ "bad:name" = {} }'),
-    Row("auth", "{ enabled = true }", True, '{ enabled = true, users = { u = { x = 1 } } }'),
+    Row("auth", "{ enabled = true }", True, "{ enabled = true, users = { u = { x = 1 } } }"),
 ]
 
 

@@ -379,9 +379,10 @@ _SECRET_PARAM_RE = re.compile(rf"({_SECRET_PARAM})(?:(?!{_NEXT_URL})[^&#\s])*", 
 # `scheme://user:password@`: the user may hold '@' (LDAP, e-mail names) and so may a password
 # that was not percent-encoded; the password runs to the last '@' before a space or before the
 # next URL of a comma-separated list (else, for one with spaces, to the next '@'). It never runs
-# over a secret query parameter, whose value may hold an '@' of its own.
+# over the next URL of a list or a secret query parameter, whose value may hold an '@' of its own.
 _PASSWORD_RE = re.compile(
-    rf"(://[^:/\s]*:)(?:(?:(?!{_NEXT_URL}|{_SECRET_PARAM})\S)*@|(?:(?!{_SECRET_PARAM})[^@])*@)",
+    rf"(://[^:/\s]*:)(?:(?:(?!{_NEXT_URL}|{_SECRET_PARAM})\S)*@"
+    rf"|(?:(?!{_NEXT_URL}|{_SECRET_PARAM})[^@])*@)",
     re.IGNORECASE,
 )
 
