@@ -85,7 +85,8 @@ def url_with_secrets(draw: st.DrawFn) -> tuple[str, str, list[str]]:
             shown.append(f"{name}={value}")
             hidden.append(f"{name}=***")
         else:
-            plain = f"{draw(st.sampled_from(PLAIN_NAMES))}={draw(st.from_regex(r'[a-z0-9]{0,6}', fullmatch=True))}"
+            name = draw(st.sampled_from(PLAIN_NAMES))
+            plain = f"{name}={draw(st.from_regex(r'[a-z0-9]{0,6}', fullmatch=True))}"
             shown.append(plain)
             hidden.append(plain)
     query = ("?" + "&".join(shown)) if shown else ""
@@ -224,8 +225,8 @@ async def test_start_up_log_down_warnings_and_metrics_never_show_a_password(
     )
     err_path = tmp_path / "stderr"
     with err_path.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jlm", "run"], env=env, stdout=err, stderr=err, cwd=tmp_path
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "jlm", "run", env=env, stdout=err, stderr=err, cwd=tmp_path
         )
         try:
             port = None
@@ -236,7 +237,7 @@ async def test_start_up_log_down_warnings_and_metrics_never_show_a_password(
                 port = int(found.group(1)) if found else None
                 if port and "rabbitmq is down" in text and "redis is down" in text:
                     break
-                assert proc.poll() is None, text
+                assert proc.returncode is None, text
                 await asyncio.sleep(0.1)
             assert port is not None
             bodies = []
@@ -249,7 +250,7 @@ async def test_start_up_log_down_warnings_and_metrics_never_show_a_password(
                 writer.close()
         finally:
             proc.terminate()
-            proc.wait(30)
+            await asyncio.wait_for(proc.wait(), 30)
     logs = [json.loads(line) for line in err_path.read_text().splitlines() if line.strip()]
     msgs = [e["msg"] for e in logs]
     starting = next(m for m in msgs if "starting: broker" in m)
