@@ -155,19 +155,7 @@ def _check_config(loaded: Loaded, args: argparse.Namespace) -> int:
         info["ignored"] = list(loaded.ignored)
         print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
         return EX_OK
-    rows: list[tuple[str, str, Any]] = []  # (setting, label, value)
-    for key, value in values.items():
-        label = env_name(key) if key in ENV_SETTINGS else key
-        if key not in ENV_SETTINGS and isinstance(value, dict) and value:
-            # A table of the file: one row per entry (job type, grant).
-            for sub, item in value.items():
-                name = f'"{sub}"' if key != "auth" else sub
-                if isinstance(item, dict) and item and key == "auth":
-                    rows += [(key, f'{key}.{sub}."{u}"', grant) for u, grant in item.items()]
-                else:
-                    rows.append((key, f"{key}.{name}", item))
-        else:
-            rows.append((key, label, value))
+    rows = _text_rows(values)
     width = max(len(label) for _, label, _ in rows)
     for key, label, value in rows:
         source = loaded.sources[key]
@@ -177,6 +165,26 @@ def _check_config(loaded: Loaded, args: argparse.Namespace) -> int:
         print(f"jlm: {name} is not a setting: ignored", file=sys.stderr)
     print("configuration OK")
     return EX_OK
+
+
+def _text_rows(values: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(setting, label, value): the environment's settings by variable name, the file's keys by
+    name, with one row per job type (`job_types."a"`) and per grant (`auth.users."u"`)."""
+    rows: list[tuple[str, str, Any]] = []
+    for key, value in values.items():
+        if key in ENV_SETTINGS:
+            rows.append((key, env_name(key), value))
+        elif key == "job_types" and value:
+            rows += [(key, f'job_types."{name}"', item) for name, item in value.items()]
+        elif key == "auth":
+            for sub, item in value.items():
+                if sub == "users" and item:
+                    rows += [(key, f'auth.users."{user}"', grant) for user, grant in item.items()]
+                else:
+                    rows.append((key, f"auth.{sub}", item))
+        else:
+            rows.append((key, key, value))
+    return rows
 
 
 def _setting_values(settings: Settings) -> dict[str, Any]:
