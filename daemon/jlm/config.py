@@ -378,10 +378,11 @@ _SECRET_PARAM = r"[?&;](?:[A-Za-z0-9.]*[_-])?(?:password|passwd|pass|secret|toke
 _SECRET_PARAM_RE = re.compile(rf"({_SECRET_PARAM})(?:(?!{_NEXT_URL})[^&#\s])*", re.IGNORECASE)
 # `scheme://user:password@`: the user may hold '@' (LDAP, e-mail names) and so may a password
 # that was not percent-encoded; the password runs to the last '@' before a space or before the
-# next URL of a comma-separated list (else, for one with spaces, to the next '@'). It never runs
-# over the next URL of a list or a secret query parameter, whose value may hold an '@' of its own.
+# next URL of a comma-separated list (else, for one with spaces, to the next '@'). Neither the
+# user nor the password runs into the next URL of a list, nor the password over a secret query
+# parameter, whose value may hold an '@' of its own.
 _PASSWORD_RE = re.compile(
-    rf"(://[^:/\s]*:)(?:(?:(?!{_NEXT_URL}|{_SECRET_PARAM})\S)*@"
+    rf"(://(?:(?!{_NEXT_URL})[^:/\s])*:)(?:(?:(?!{_NEXT_URL}|{_SECRET_PARAM})\S)*@"
     rf"|(?:(?!{_NEXT_URL}|{_SECRET_PARAM})[^@])*@)",
     re.IGNORECASE,
 )
