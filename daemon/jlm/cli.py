@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 
-from jlm import __version__
-from jlm.config import OPERATIONS, ConfigError, Settings, load_settings, redact_url
+from jlm import __version__, logs
+from jlm.config import (
+    ENV_SETTINGS,
+    OPERATIONS,
+    ConfigError,
+    FileConfig,
+    Loaded,
+    Settings,
+    env_name,
+    load,
+    redact_url,
+)
 from jlm.errors import Unavailable
 
 EX_OK, EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 2, 69, 78
@@ -64,28 +76,30 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("target", metavar="MODULE:FUNCTION")
     c.add_argument("--job-type", required=True)
     c.add_argument("--concurrency", type=int, default=1)
-    cmd("check-config", "validate the settings and print them (secrets hidden)")
+    cmd(
+        "check-config",
+        "validate the settings and print each with its source (default, env, file, credential)"
+        " and secrets hidden",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = load_settings()
+        loaded = load()
     except ConfigError as exc:
-        print(f"jlm: configuration error: {exc}", file=sys.stderr)
+        logs.fatal(f"jlm: configuration error: {exc}")
         return EX_CONFIG
-    from jlm import logs
-
+    settings = loaded.settings
     # Client commands print for people; their own connection chatter is noise.
     quiet = args.command not in ("run", "worker")
     logs.setup("WARNING" if quiet else settings.log_level, settings.log_format)
-    handlers = {
-        "run": _run,
-        "check-config": _check_config,
-        "events": _events,
-        "worker": _worker,
-    }
+    if args.command == "check-config":
+        return _check_config(loaded, args)
+    for name in loaded.ignored:
+        logging.getLogger("jlm.config").warning("%s is not a setting: ignored", name)
+    handlers = {"run": _run, "events": _events, "worker": _worker}
     handler = handlers.get(args.command, _request)
     try:
         return handler(settings, args)
@@ -97,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _err(args: argparse.Namespace, code: str, message: str) -> None:
+    message = redact_url(message)
     if getattr(args, "json", False):
         print(
             orjson.dumps({"success": False, "error": {"code": code, "message": message}}).decode()
@@ -123,38 +138,89 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         return _asyncio_run(go())
     except OSError as exc:
-        print(f"jlm: cannot start: {exc}", file=sys.stderr)
+        logs.fatal(f"jlm: cannot start: {exc}")
         return EX_UNAVAILABLE
 
 
-def _check_config(settings: Settings, args: argparse.Namespace) -> int:
-    f = settings.file
-    info = {
-        "amqp_urls": [redact_url(u) for u in settings.amqp_urls],
-        "redis_url": redact_url(settings.redis_url),
-        "redis_cluster": settings.redis_cluster,
-        "redis_namespace": settings.redis_namespace,
-        "metrics_addr": settings.metrics_addr,
-        "config": str(settings.config) if settings.config else None,
-        "prefetch": settings.prefetch,
-        "shutdown_timeout": settings.shutdown_timeout,
-        "requests_queue_type": settings.requests_queue_type,
-        "max_request_bytes": f.max_request_bytes,
-        "idempotency_ttl": f.idempotency_ttl,
-        "allow_any_job_type": f.allow_any_job_type,
-        "job_types": {
-            k: v.model_dump() | {"queue": f.queue_for(k)} for k, v in f.job_types.items()
-        },
-        "auth_enabled": f.auth.enabled,
-        "auth_users": sorted(f.auth.users),
-    }
+def _check_config(loaded: Loaded, args: argparse.Namespace) -> int:
+    """Every setting with its value (passwords hidden) and where it came from."""
+    values = _setting_values(loaded.settings)
     if args.json:
+        info: dict[str, Any] = dict(values)
+        info["amqp_urls"] = [redact_url(u) for u in loaded.settings.amqp_urls]
+        info["sources"] = {
+            key: {"source": source.kind, "origin": source.origin}
+            for key, source in loaded.sources.items()
+        }
+        info["ignored"] = list(loaded.ignored)
         print(orjson.dumps(info, option=orjson.OPT_INDENT_2).decode())
-    else:
-        for key, value in info.items():
-            print(f"{key:22} {value}")
-        print("configuration OK")
+        return EX_OK
+    rows = _text_rows(values)
+    width = max(len(label) for _, label, _ in rows)
+    for key, label, value in rows:
+        source = loaded.sources[key]
+        origin = f"  ({source.origin})" if source.kind in ("file", "credential") else ""
+        print(f"{label:<{width}}  {source.kind:<10}  {_shown(value)}{origin}")
+    for name in loaded.ignored:
+        print(f"jlm: {name} is not a setting: ignored", file=sys.stderr)
+    print("configuration OK")
     return EX_OK
+
+
+def _text_rows(values: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """(setting, label, value): the environment's settings by variable name, the file's keys by
+    name, with one row per job type (`job_types."a"`) and per grant (`auth.users."u"`)."""
+    rows: list[tuple[str, str, Any]] = []
+    for key, value in values.items():
+        if key in ENV_SETTINGS:
+            rows.append((key, env_name(key), value))
+        elif key == "job_types" and value:
+            rows += [(key, f'job_types."{name}"', item) for name, item in value.items()]
+        elif key == "auth":
+            for sub, item in value.items():
+                if sub == "users" and item:
+                    rows += [(key, f'auth.users."{user}"', grant) for user, grant in item.items()]
+                else:
+                    rows.append((key, f"auth.{sub}", item))
+        else:
+            rows.append((key, key, value))
+    return rows
+
+
+def _setting_values(settings: Settings) -> dict[str, Any]:
+    """Each setting by name as JSON, passwords hidden: the environment's, then the file's."""
+    values = {name: _json_value(getattr(settings, name)) for name in ENV_SETTINGS}
+    f = settings.file
+    for key in FileConfig.model_fields:
+        if key == "job_types":
+            values[key] = {
+                k: v.model_dump(mode="json") | {"queue": f.queue_for(k)}
+                for k, v in f.job_types.items()
+            }
+        else:
+            values[key] = _json_value(getattr(f, key))
+    return values
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, str):
+        return redact_url(value)
+    if value is None or isinstance(value, bool | int | float | dict | list):
+        return value
+    return str(value)
+
+
+def _shown(value: Any) -> str:
+    """A value as text: booleans as in the environment, tables as compact JSON."""
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return redact_url(orjson.dumps(value).decode())
+    return redact_url(str(value))
 
 
 def _request(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,4 +1,18 @@
-"""Settings: the environment (JLM_*), secrets from files, and the TOML file of job types."""
+"""Settings: the environment (JLM_*), secrets from files, and the TOML file of job types.
+
+One loading path, `load(environ)`, reads exactly the mapping it is given (`os.environ` only when
+given none) and the files that mapping names; nothing else reads the environment. For each
+setting the first source that is set wins:
+
+1. the broker and Redis URLs only: the file named by `JLM_<NAME>_FILE`, then the systemd
+   credential `$CREDENTIALS_DIRECTORY/<name>`;
+2. the variable `JLM_<NAME>`;
+3. the built-in default.
+
+A variable that is empty (or only white space) counts as unset. The TOML file named by
+`JLM_CONFIG` holds the limits, job types and grants (`FileConfig`); a key it leaves out keeps its
+default. Every failure is a `ConfigError` whose one-line message names the setting or the file.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +20,12 @@ import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
@@ -101,10 +115,10 @@ class FileConfig(BaseModel):
         return found.queue if found is not None and found.queue else f"jlm.jobs.{job_type}"
 
 
-class Settings(BaseSettings):
-    """Everything the daemon reads from its environment. Frozen; passed in explicitly."""
+class Settings(BaseModel):
+    """Everything the daemon reads from its environment. Frozen; built by `load`, passed in."""
 
-    model_config = SettingsConfigDict(env_prefix="JLM_", frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     redis_url: str = "redis://localhost:6379/0"
@@ -133,6 +147,23 @@ class Settings(BaseSettings):
     worker_metrics_addr: str | None = None  # `jlm worker` serves /metrics here when set
     worker_shutdown_timeout: Annotated[float, Field(ge=0)] = 10.0  # grace for running handlers
     file: FileConfig = Field(default_factory=FileConfig)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, v: str) -> str:
+        urls = [u.strip() for u in v.split(",") if u.strip()]
+        if not urls:
+            raise ValueError("no URL given")
+        if not all(u.startswith(("amqp://", "amqps://")) for u in urls):
+            raise ValueError("each URL must start with amqp:// or amqps://")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
 
     @field_validator("redis_namespace")
     @classmethod
@@ -168,97 +199,198 @@ class Settings(BaseSettings):
         return host.strip("[]"), int(port)
 
 
-def _secret_from_file(env: Mapping[str, str], name: str, cred: str) -> str | None:
-    """JLM_<NAME>_FILE, else $CREDENTIALS_DIRECTORY/<cred>; contents stripped."""
-    path = env.get(f"JLM_{name}_FILE")
-    setting = f"JLM_{name}_FILE"
-    if path is None and env.get("CREDENTIALS_DIRECTORY"):
-        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / cred
-        if candidate.exists():
-            path, setting = str(candidate), f"$CREDENTIALS_DIRECTORY/{cred}"
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from exc
+# -- loading ---------------------------------------------------------------------------------------
+
+# The settings read from the environment, each from the variable JLM_<NAME>.
+ENV_SETTINGS = tuple(name for name in Settings.model_fields if name != "file")
+# The settings that hold passwords, and the systemd credential each may come from.
+SECRET_CREDENTIALS = {"amqp_url": "amqp_url", "redis_url": "redis_url"}
+_CONFIG_MAX_BYTES = 4 * 1024 * 1024
+_SECRET_MAX_BYTES = 64 * 1024
 
 
-def _describe(exc: ValidationError, prefix: str) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{prefix}{loc.upper() if prefix == 'JLM_' else loc}: {err['msg']}")
-    return "; ".join(parts)
+def env_name(setting: str) -> str:
+    return f"JLM_{setting.upper()}"
 
 
-def load_file(path: Path) -> FileConfig:
-    try:
-        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"JLM_CONFIG: cannot read {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"JLM_CONFIG: {path} is not valid TOML: {exc}") from exc
-    try:
-        return FileConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"JLM_CONFIG ({path}): {_describe(exc, '')}") from exc
+KNOWN_VARIABLES = frozenset(
+    [env_name(n) for n in ENV_SETTINGS] + [f"{env_name(n)}_FILE" for n in SECRET_CREDENTIALS]
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a value came from: `default`, `env`, `file` or `credential`, and which one."""
+
+    kind: Literal["default", "env", "file", "credential"]
+    origin: str = ""  # the variable, or the file (with the variable naming it)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.origin}" if self.origin else self.kind
+
+
+DEFAULT = Source("default")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The settings, where each came from (by setting name and TOML key), and the JLM_*
+    variables that name no setting (a typo, or a setting of another version)."""
+
+    settings: Settings
+    sources: Mapping[str, Source]
+    ignored: tuple[str, ...]
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build the settings from an environment; raise ConfigError naming the bad setting."""
+    """The settings from `environ` (`os.environ` when None); ConfigError names a bad setting."""
+    return load(environ).settings
+
+
+def load(environ: Mapping[str, str] | None = None) -> Loaded:
+    """Read the settings from `environ` alone (`os.environ` when None) and the files it names."""
     env = dict(os.environ if environ is None else environ)
-    overrides: dict[str, Any] = {}
-    for name, cred in (("AMQP_URL", "amqp_url"), ("REDIS_URL", "redis_url")):
-        secret = _secret_from_file(env, name, cred)
-        if secret is not None:
-            overrides[name.lower()] = secret
-    secret_files = ("JLM_AMQP_URL_FILE", "JLM_REDIS_URL_FILE")
-    jlm_env = {k: v for k, v in env.items() if k.startswith("JLM_") and k not in secret_files}
+    raw: dict[str, str] = {}
+    sources: dict[str, Source] = {}
+    for name in ENV_SETTINGS:
+        found = _lookup(env, name)
+        if found is None:
+            sources[name] = DEFAULT
+        else:
+            raw[name], sources[name] = found
+    if "log_level" in raw:
+        raw["log_level"] = raw["log_level"].upper()
+    if "log_format" in raw:
+        raw["log_format"] = raw["log_format"].lower()
     try:
-        # Only the given mapping is read, so tests and the CLI see exactly what they pass.
-        settings = _from_mapping(jlm_env, overrides)
+        # Lax validation turns the strings into bools, numbers and paths.
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, "JLM_")) from exc
-    for url in settings.amqp_urls:
-        if not url.startswith(("amqp://", "amqps://")):
-            raise ConfigError("JLM_AMQP_URL: each URL must start with amqp:// or amqps://")
-    if not settings.amqp_urls:
-        raise ConfigError("JLM_AMQP_URL: no URL given")
-    if not settings.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("JLM_REDIS_URL: must start with redis://, rediss:// or unix://")
+        raise ConfigError(_describe(exc, lambda loc: _label(str(loc[0]), sources))) from exc
     for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-        p = getattr(settings, name)
-        if p is not None and not p.is_file():
-            raise ConfigError(f"JLM_{name.upper()}: {p} is not a readable file")
+        path = getattr(settings, name)
+        if path is not None:
+            _check_readable(path, _label(name, sources))
+    present: set[str] = set()
     if settings.config is not None:
-        settings = settings.model_copy(update={"file": load_file(settings.config)})
-    return settings
+        file, present = _load_file(settings.config)
+        settings = settings.model_copy(update={"file": file})
+    for key in FileConfig.model_fields:
+        sources[key] = Source("file", str(settings.config)) if key in present else DEFAULT
+    ignored = sorted(k for k in env if k.startswith("JLM_") and k not in KNOWN_VARIABLES)
+    return Loaded(settings, sources, tuple(ignored))
 
 
-def _from_mapping(env: Mapping[str, str], overrides: Mapping[str, Any]) -> Settings:
-    values: dict[str, Any] = {}
-    fields = Settings.model_fields
-    for key, value in env.items():
-        name = key[4:].lower()
-        if name in fields and name != "file":
-            values[name] = value
-    values.update(overrides)
-    for optional in ("config", "tls_ca_file", "tls_cert_file", "tls_key_file"):
-        if values.get(optional) == "":
-            del values[optional]  # an empty variable means "not set", as in the unit file
-    if isinstance(values.get("log_level"), str):
-        values["log_level"] = values["log_level"].upper()
-    # Lax validation turns the environment's strings into bools, numbers and paths.
-    return Settings.model_validate(values)
+def load_file(path: Path) -> FileConfig:
+    """The TOML file named by JLM_CONFIG; ConfigError names the file and the bad key."""
+    return _load_file(path)[0]
 
 
+def _load_file(path: Path) -> tuple[FileConfig, set[str]]:
+    text = _read(path, "JLM_CONFIG", _CONFIG_MAX_BYTES)
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"JLM_CONFIG: {path} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"JLM_CONFIG: {path} is not valid TOML: nested too deeply") from exc
+    try:
+        return FileConfig.model_validate(raw), set(raw)
+    except ValidationError as exc:
+        problems = _describe(exc, lambda loc: ".".join(map(str, loc)))
+        raise ConfigError(f"JLM_CONFIG ({path}): {problems}") from exc
+
+
+def _set(env: Mapping[str, str], key: str) -> str | None:
+    """The variable's value, None when it is missing, empty or only white space."""
+    value = env.get(key, "").strip()
+    return value or None
+
+
+def _lookup(env: Mapping[str, str], name: str) -> tuple[str, Source] | None:
+    var = env_name(name)
+    credential = SECRET_CREDENTIALS.get(name)
+    if credential is not None:
+        path = _set(env, f"{var}_FILE")
+        if path is not None:
+            return _secret(Path(path), f"{var}_FILE"), Source("file", f"{var}_FILE={path}")
+        directory = _set(env, "CREDENTIALS_DIRECTORY")
+        if directory is not None and os.path.exists(Path(directory) / credential):
+            where = f"$CREDENTIALS_DIRECTORY/{credential}"
+            return _secret(Path(directory) / credential, where), Source("credential", where)
+    value = _set(env, var)
+    return None if value is None else (value, Source("env", var))
+
+
+def _label(name: str, sources: Mapping[str, Source]) -> str:
+    """How an error names a setting: its variable, and the file its value came from."""
+    source = sources.get(name, DEFAULT)
+    if source.kind in ("file", "credential"):
+        return f"{env_name(name)} (from {source.origin})"
+    return env_name(name)
+
+
+def _secret(path: Path, setting: str) -> str:
+    value = _read(path, setting, _SECRET_MAX_BYTES).strip()
+    if not value:
+        raise ConfigError(f"{setting}: {path} is empty")
+    return value
+
+
+def _read(path: Path, setting: str, limit: int) -> str:
+    """A file's text (at most `limit` bytes of UTF-8); ConfigError naming `setting` otherwise."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise ConfigError(f"{setting}: {path} is larger than {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = exc.start
+        raise ConfigError(
+            f"{setting}: {path} is not UTF-8 (byte 0x{data[at]:02x} at offset {at})"
+        ) from exc
+
+
+def _check_readable(path: Path, setting: str) -> None:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _describe(exc: ValidationError, name: Callable[[tuple[int | str, ...]], str]) -> str:
+    return "; ".join(f"{name(err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
+# -- redaction -------------------------------------------------------------------------------------
+
+# Where the next URL of a comma-separated list begins.
+_NEXT_URL = r",[A-Za-z][A-Za-z0-9+.-]*://"
+# A query parameter that carries a secret: password, pass, passwd, secret, token or key, in any
+# case, alone or as the end of a longer name (ssl_password, access-token, api_key).
+_SECRET_PARAM = r"[?&;](?:[A-Za-z0-9.]*[_-])?(?:password|passwd|pass|secret|token|key)="
+# Its value runs to the next '&', '#', white space or URL of a list, as a URL parser reads it.
+_SECRET_PARAM_RE = re.compile(rf"({_SECRET_PARAM})(?:(?!{_NEXT_URL})[^&#\s])*", re.IGNORECASE)
 # `scheme://user:password@`: the user may hold '@' (LDAP, e-mail names) and so may a password
 # that was not percent-encoded; the password runs to the last '@' before a space or before the
-# next URL of a comma-separated list (else, for one with spaces, to the next '@').
-_PASSWORD_RE = re.compile(r"(://[^:/\s]*:)(?:(?:(?!,[A-Za-z][A-Za-z0-9+.-]*://)\S)*@|[^@]*@)")
+# next URL of a comma-separated list (else, for one with spaces, to the next '@'). Neither the
+# user nor the password runs into the next URL of a list, nor the password over a secret query
+# parameter, whose value may hold an '@' of its own.
+_PASSWORD_RE = re.compile(
+    rf"(://(?:(?!{_NEXT_URL})[^:/\s])*:)(?:(?:(?!{_NEXT_URL}|{_SECRET_PARAM})\S)*@"
+    rf"|(?:(?!{_NEXT_URL}|{_SECRET_PARAM})[^@])*@)",
+    re.IGNORECASE,
+)
 
 
-def redact_url(url: str) -> str:
-    """The URL (or any text holding URLs) with each password replaced: for logs, check-config."""
-    return _PASSWORD_RE.sub(r"\1***@", url)
+def redact_url(text: str) -> str:
+    """`text` (a URL, a list of URLs, a log line or an error holding them) with every password
+    shown as `***`: the user-info password and the value of each secret query parameter.
+
+    The one function for everything shown: check-config, logs, errors, replies and events."""
+    return _SECRET_PARAM_RE.sub(r"\1***", _PASSWORD_RE.sub(r"\1***@", text))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from jlm.config import redact_url
+
 
 class Disposition(Enum):
     """What happens to the request message."""
@@ -21,6 +23,8 @@ class JlmError(Exception):
     outcome = "error"
 
     def __init__(self, message: str) -> None:
+        # Replies, dead letters, events and logs carry the message: no password in any of them.
+        message = redact_url(message)
         super().__init__(message)
         self.message = message
 

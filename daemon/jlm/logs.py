@@ -1,11 +1,18 @@
-"""Logging: JSON lines when not on a terminal, readable lines on one; secrets never printed."""
+"""Logging: JSON lines when not on a terminal, readable lines on one; secrets never printed.
+
+Under systemd with stderr connected to the journal (`$JOURNAL_STREAM` names stderr's device and
+inode), each line starts with its syslog priority, `<3>` error, `<4>` warning, `<6>` info,
+`<7>` debug (sd-daemon(3)), which journald strips and stores, so `journalctl -p err` works.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -41,13 +48,59 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{' '.join(extras)}]" if extras else line
 
 
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level: 2 critical, 3 error, 4 warning, 6 info, 7 debug."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    return 6 if levelno >= logging.INFO else 7
+
+
+class JournalFormatter(logging.Formatter):
+    """Another formatter's lines, each prefixed with the record's `<priority>`."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def to_journal(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool:
+    """True when `stream` is the journal stream systemd names in $JOURNAL_STREAM (DEV:INODE);
+    a child whose stderr was redirected elsewhere inherits the variable but not the stream."""
+    dev, sep, ino = environ.get("JOURNAL_STREAM", "").partition(":")
+    if not (sep and dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test's StringIO), or closed
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup(level: str = "INFO", fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    formatter: logging.Formatter = JsonFormatter() if use_json else TextFormatter()
+    if to_journal(sys.stderr):
+        formatter = JournalFormatter(formatter)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The AMQP clients are chatty about reconnects we already report in our own words.
     for noisy in ("aiormq", "aio_pika"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
+
+
+def fatal(message: str) -> None:
+    """A one-line error before logging is set up (a configuration error), redacted, at
+    priority error when stderr is the journal."""
+    line = " ".join(redact_url(message).split())
+    print(f"<3>{line}" if to_journal(sys.stderr) else line, file=sys.stderr)

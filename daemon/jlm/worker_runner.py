@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from jlm.config import Settings
+from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.provenance import Event
@@ -120,7 +120,8 @@ class JobRunner:
                 exc_info=exc,
                 extra={"job_id": self._job.id},
             )
-            return "failed", f"{type(exc).__name__}: {exc}"[:2000]
+            # The error goes to the job's record, its event and `status`: passwords hidden.
+            return "failed", redact_url(f"{type(exc).__name__}: {exc}")[:2000]
         try:
             return "succeeded", orjson.dumps(task.result()).decode()
         except TypeError as exc:
