@@ -19,9 +19,10 @@ from jlm import __version__
 from jlm.broker import REQUESTS, Broker
 from jlm.config import OPERATIONS, Settings, redact_url
 from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Unavailable
+from jlm.http_server import HttpServer
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
-from jlm.metrics import HealthState, HttpServer, Metrics
+from jlm.metrics import HealthState, Metrics
 from jlm.protocol import MAX_ID_LEN, CancelRequest, Request, StatusRequest, parse_request
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop

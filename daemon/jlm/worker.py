@@ -27,8 +27,9 @@ from redis.exceptions import RedisError
 
 from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
+from jlm.http_server import HttpServer
 from jlm.keys import Keys
-from jlm.metrics import HealthState, HttpServer, Metrics
+from jlm.metrics import HealthState, Metrics
 from jlm.provenance import Event
 from jlm.store import RedisClient, Store, connect
 from jlm.worker_broker import GEN_HEADER, WorkerBroker
