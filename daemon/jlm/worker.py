@@ -32,7 +32,7 @@ from jlm.keys import Keys
 from jlm.metrics import HealthState, Metrics
 from jlm.provenance import Event
 from jlm.store import RedisClient, Store, connect
-from jlm.worker_broker import GEN_HEADER, WorkerBroker
+from jlm.worker_broker import WorkerBroker
 from jlm.worker_job import (
     Active,
     Handler,
@@ -256,7 +256,7 @@ class Worker:
         if msg is None:
             later.append(self._emit(invalid(self._deps, self.job_type, message.message_id)))
             return "ack"
-        facts = await self._claim(broker, msg, _int((message.headers or {}).get(GEN_HEADER)))
+        facts = await self._claim(broker, msg)
         if facts is None:
             return "keep" if broker.closed.is_set() else "requeue"
         if facts.o == "claimed":
@@ -264,7 +264,7 @@ class Worker:
         later.append(self._emit(unclaimed(self._deps, msg, facts)))
         return "ack"
 
-    async def _claim(self, broker: WorkerBroker, msg: ReceivedJob, gen: int) -> Facts | None:
+    async def _claim(self, broker: WorkerBroker, msg: ReceivedJob) -> Facts | None:
         """Claim, or wait while another run holds a live lease. None: give the message back."""
         jt = self.settings.file.job_type(msg.job_type)
         max_attempts = jt.max_attempts if jt is not None else 1
@@ -277,7 +277,6 @@ class Worker:
                     now(),
                     lease_ms=self._deps.lease_ms,
                     max_attempts=max_attempts,
-                    gen=gen,
                 ),
             )
             if facts is None or facts.o != "wait":
@@ -450,13 +449,6 @@ async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False) ->
             await message.ack()
     except (AMQPError, OSError, RuntimeError) as exc:
         log.info("settling job message %s: channel gone (%s)", message.message_id, exc)
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value) if value is not None else 0
-    except (TypeError, ValueError):
-        return 0
 
 
 def _redis(settings: Settings, cluster: bool, url: str | None = None) -> RedisClient:
