@@ -19,6 +19,7 @@ class JlmError(Exception):
     code = "internal"
     disposition = Disposition.DEAD_LETTER
     outcome = "error"
+    replies = True  # answered on the request's reply_to
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -50,6 +51,12 @@ class UnsupportedOperation(Rejected):
 
 class Forbidden(Rejected):
     code = "forbidden"
+
+
+class ReplyToForbidden(Forbidden):
+    """A `reply_to` outside the caller's grant: dead-lettered, and no reply goes to that queue."""
+
+    replies = False
 
 
 class NotFound(JlmError):

@@ -286,6 +286,7 @@ class Service:
             request_id=message.message_id or uuid.uuid4().hex,
             idempotent=bool(message.message_id),
             actor=message.user_id,
+            reply_to=message.reply_to,
         )
         self._inflight += 1
         self._idle.clear()
@@ -418,15 +419,17 @@ class Service:
 
         await self._retry(broker, publish)
         self.metrics.dead_lettered.labels(code=error.code).inc()
-        await self._answer(broker, message, outcome.reply)
+        await self._answer(broker, message, outcome.reply, send_reply=error.replies)
 
     async def _answer(
         self,
         broker: Broker,
         message: AbstractIncomingMessage,
         reply: dict[str, Any],
+        *,
+        send_reply: bool = True,
     ) -> None:
-        if message.reply_to:
+        if message.reply_to and send_reply:
             await broker.reply(message.reply_to, message.correlation_id, reply)
         try:
             await broker.ack(message)

@@ -32,7 +32,7 @@ from jlm.keys import Keys
 from jlm.metrics import HealthState, Metrics
 from jlm.provenance import Event
 from jlm.store import RedisClient, Store, connect
-from jlm.worker_broker import WorkerBroker
+from jlm.worker_broker import QueueMissing, WorkerBroker
 from jlm.worker_job import (
     Active,
     Handler,
@@ -135,13 +135,14 @@ class Worker:
         broker = self._new_broker()
         try:
             await self._store.store.ping_script()
-            await broker.open()
             if self._http is not None:
-                await self._http.start()
+                await self._http.start()  # /readyz answers 503 while the queue is awaited
+            broker = await self._open_when_queue_exists(broker)
             self.health.set("redis", True)
             listener = asyncio.create_task(self._listen_cancels(), name="jlm cancel listener")
             try:
-                await self._sessions(broker)
+                if not self._stopping.is_set():
+                    await self._sessions(broker)
                 await self._drain()
             finally:
                 listener.cancel()
@@ -165,6 +166,23 @@ class Worker:
             self._stop_grace = 0
             for active in self._active.values():
                 active.interrupt("stopping")
+
+    async def _open_when_queue_exists(self, broker: WorkerBroker) -> WorkerBroker:
+        """Open the first session; while the job queue does not exist (a broker user without
+        configure permission, started before the daemon), wait for it instead of exiting."""
+        delay = 0.2
+        while True:
+            try:
+                await broker.open()
+                return broker
+            except QueueMissing as exc:
+                self.health.set("queue", False)
+                self._warn_rarely("queue", "waiting: %s", exc.message)
+            await first_of(self._stopping.wait(), asyncio.sleep(delay))
+            delay = min(delay * 2, self.settings.retry_max_delay)
+            if self._stopping.is_set():
+                return broker
+            broker = self._new_broker()
 
     def _new_broker(self) -> WorkerBroker:
         name = f"jlm worker {self.id}"
@@ -207,6 +225,8 @@ class Worker:
             delay = 0.2
 
     def _set_consuming(self, up: bool) -> None:
+        if up:
+            self.health.checks.pop("queue", None)
         self.health.set("rabbitmq", up)
         self.health.set("consuming", up)
 
