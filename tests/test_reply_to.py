@@ -61,13 +61,18 @@ async def test_reply_to_outside_the_grant_is_forbidden_and_gets_no_reply(
             requests = await ch.get_exchange("jlm.requests", ensure=False)
             for i, (op, body) in enumerate(
                 [
-                    ("manage", manage("report.render", "tenant-a")),
-                    ("result", {"job_type": "report.render", "cache_prefix": "tenant-a"}),
+                    ("manage", orjson.dumps(manage("report.render", "tenant-a"))),
+                    (
+                        "result",
+                        orjson.dumps({"job_type": "report.render", "cache_prefix": "tenant-a"}),
+                    ),
+                    # Refused for its body, and still no reply to a queue outside the grant.
+                    ("manage", b"{not json"),
                 ]
             ):
                 await requests.publish(
                     aio_pika.Message(
-                        orjson.dumps(body),
+                        body,
                         content_type="application/json",
                         message_id=f"aimed-{i}",
                         user_id=a.name,
@@ -79,10 +84,11 @@ async def test_reply_to_outside_the_grant_is_forbidden_and_gets_no_reply(
         dead = {}
         for _ in range(20):
             dead |= {m.message_id: m for m in await drain_queue(settings, "jlm.dead")}
-            if len(dead) >= 2:
+            if len(dead) >= 3:
                 break
-        assert set(dead) == {"aimed-0", "aimed-1"}
-        for m in dead.values():
+        assert set(dead) == {"aimed-0", "aimed-1", "aimed-2"}
+        assert dead["aimed-2"].headers["x-jlm-error"] == "invalid_request"
+        for m in (dead["aimed-0"], dead["aimed-1"]):
             assert m.headers["x-jlm-error"] == "forbidden"
             assert m.reply_to == "orders"
             assert "orders" in str(m.headers["x-jlm-error-message"])

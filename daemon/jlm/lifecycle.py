@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from jlm.config import Settings
+from jlm.config import Settings, UserGrant
 from jlm.errors import Forbidden, JlmError, NotFound, ReplyToForbidden, UnknownJobType
 from jlm.keys import Keys, new_job_id, scope_tag, tag_of_job
 from jlm.metrics import Metrics
@@ -94,7 +94,9 @@ class Lifecycle:
             raise UnknownJobType(f"job type {job_type!r} is not configured")
 
     def validate(self, op: str, request: Request, ctx: Context) -> None:
-        """The checks that need no Redis: job type and scope grants (job-id grants come later)."""
+        """The checks that need no Redis: reply_to, job type and scope grants (job-id grants come
+        later)."""
+        self.authorize_reply_to(ctx)
         if isinstance(request, ManageRequest | ScopeRequest):
             self.check_job_type(request.job_type)
             self.authorize(ctx, op, request.cache_prefix, request.job_type)
@@ -106,17 +108,20 @@ class Lifecycle:
             grant = self._file.auth.users.get(ctx.actor)
             if grant is None or not grant.allows(op, None, None):
                 raise Forbidden(f"user {ctx.actor!r} may not {op}")
-        self.authorize_reply_to(ctx)
+
+    def reply_allowed(self, ctx: Context) -> bool:
+        """With authorisation on, replies go only to the queues the caller's grant names (and
+        without a broker-validated caller, nowhere but the default grant's queues)."""
+        auth = self._file.auth
+        if not auth.enabled or not ctx.reply_to:
+            return True
+        grant = auth.users.get(ctx.actor) if ctx.actor is not None else None
+        return (grant or UserGrant()).allows_reply_to(ctx.reply_to)
 
     def authorize_reply_to(self, ctx: Context) -> None:
-        """With authorisation on, replies go only to the queues the caller's grant names."""
-        auth = self._file.auth
-        if not auth.enabled or not ctx.reply_to or ctx.actor is None:
-            return
-        grant = auth.users.get(ctx.actor)
-        if grant is None or not grant.allows_reply_to(ctx.reply_to):
+        if not self.reply_allowed(ctx):
             raise ReplyToForbidden(
-                f"user {ctx.actor!r} may not have replies sent to {ctx.reply_to[:200]!r}"
+                f"user {ctx.actor!r} may not have replies sent to {ctx.reply_to!r:.200}"
             )
 
     # -- manage ----------------------------------------------------------------------------------

@@ -419,7 +419,9 @@ class Service:
 
         await self._retry(broker, publish)
         self.metrics.dead_lettered.labels(code=error.code).inc()
-        await self._answer(broker, message, outcome.reply, send_reply=error.replies)
+        # Never a reply to a queue outside the caller's grant, whatever else was wrong.
+        send = error.replies and self.lifecycle.reply_allowed(ctx)
+        await self._answer(broker, message, outcome.reply, send_reply=send)
 
     async def _answer(
         self,
