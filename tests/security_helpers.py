@@ -9,6 +9,7 @@ only and is removed when the test (or module) ends.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
@@ -328,6 +329,7 @@ class BrokerUser:
     write: str
     read: str
     topic_write: str | None = None  # on jlm.requests, when set
+    topics: tuple[tuple[str, str], ...] = ()  # (topic exchange, write pattern)
 
     def url(self, host_port: str, vhost: str, scheme: str = "amqp") -> str:
         return f"{scheme}://{self.name}:{self.password}@{host_port}/{vhost}"
@@ -362,10 +364,13 @@ def user_setup_expr(users: Iterable[BrokerUser], vhost: str) -> str:
             f"ok = rabbit_auth_backend_internal:set_permissions({n}, {v}, {erl_bin(u.configure)}, "
             f"{erl_bin(u.write)}, {erl_bin(u.read)}, {actor})"
         )
+        topics = list(u.topics)
         if u.topic_write is not None:
+            topics.append(("jlm.requests", u.topic_write))
+        for exchange, write in topics:
             steps.append(
                 f"ok = rabbit_auth_backend_internal:set_topic_permissions({n}, {v}, "
-                f"{erl_bin('jlm.requests')}, {erl_bin(u.topic_write)}, {erl_bin('^$')}, {actor})"
+                f"{erl_bin(exchange)}, {erl_bin(write)}, {erl_bin('^$')}, {actor})"
             )
     return ", ".join(steps) + "."
 
@@ -398,6 +403,27 @@ def close_user_connections(user: str) -> None:
 
 def new_user(label: str, **grants: str) -> BrokerUser:
     return BrokerUser(name=f"jlmt-{label}-{uuid.uuid4().hex[:8]}", password=secret(label), **grants)
+
+
+DEFINITIONS = Path(__file__).resolve().parents[1] / "deploy" / "rabbitmq" / "definitions.json"
+
+
+def deploy_user(role: str) -> BrokerUser:
+    """A fresh user with exactly the permissions and topic permissions that
+    deploy/rabbitmq/definitions.json gives `role` on its vhost."""
+    data = json.loads(DEFINITIONS.read_text(encoding="utf-8"))
+    (perm,) = [p for p in data["permissions"] if p["user"] == role]
+    topics = tuple(
+        (t["exchange"], t["write"]) for t in data.get("topic_permissions", []) if t["user"] == role
+    )
+    return BrokerUser(
+        name=f"jlmt-{role}-{uuid.uuid4().hex[:8]}",
+        password=secret(role),
+        configure=perm["configure"],
+        write=perm["write"],
+        read=perm["read"],
+        topics=topics,
+    )
 
 
 async def amqp_connect(url: str, pki: Pki | None = None) -> AbstractConnection:

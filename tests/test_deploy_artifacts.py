@@ -502,6 +502,15 @@ def test_compose_services_are_wired() -> None:
     daemon_config = services["daemon"]["environment"]["JLM_CONFIG"]
     mounted = {v.split(":")[1]: v.split(":")[0] for v in services["daemon"]["volumes"]}
     load_file(DEPLOY / mounted[daemon_config])
+    # The worker reads the same file (max_attempts, retry_backoff, queue of its job type).
+    worker = services["worker"]
+    worker_mounts = {v.split(":")[1]: v.split(":")[0] for v in worker["volumes"]}
+    assert worker_mounts[worker["environment"]["JLM_CONFIG"]] == mounted[daemon_config]
+    # Healthy means ready, and the worker waits for its queue rather than for a healthy daemon.
+    for name in ("daemon", "worker"):
+        probe = " ".join(services[name]["healthcheck"]["test"])
+        assert "/readyz" in probe, f"{name}: the healthcheck must query /readyz"
+    assert "daemon" not in worker.get("depends_on", {})
 
 
 def test_dockerfile_is_pinned_non_root_and_health_checked() -> None:
@@ -516,7 +525,7 @@ def test_dockerfile_is_pinned_non_root_and_health_checked() -> None:
     assert users[-1].split(":")[0] not in ("root", "0"), f"the image runs as {users[-1]}"
     health = re.search(r"^HEALTHCHECK (?:.*\\\n)*.*", text, flags=re.MULTILINE)
     assert health, "the image has no HEALTHCHECK"
-    assert "/healthz" in health.group(0), "HEALTHCHECK must query /healthz"
+    assert "/readyz" in health.group(0), "HEALTHCHECK must query /readyz: healthy means ready"
     assert ":9464" in health.group(0), "HEALTHCHECK must query port 9464"
     assert "pip install" in text, "the image installs the project with pip"
 
@@ -580,6 +589,22 @@ def test_rabbitmq_users_have_least_privilege() -> None:
     assert not problems, "\n".join(problems)
 
 
+WORKER_EVENTS = ("job.claimed", "job.succeeded", "job.failed", "job.cancelled", "job.skipped")
+DAEMON_ONLY_EVENTS = ("job.enqueued", "job.superseded", "request.rejected", "job.deduplicated")
+
+
+def test_worker_may_publish_only_worker_events() -> None:
+    topics = {(t["user"], t["exchange"]): t for t in definitions()["topic_permissions"]}
+    events = topics.get(("worker", "jlm.events"))
+    assert events, "the worker user has no topic permission on jlm.events"
+    assert events["vhost"] == "/"
+    for key in WORKER_EVENTS:
+        assert allowed(events["write"], key), f"the worker may not publish {key}"
+    for key in (*DAEMON_ONLY_EVENTS, "job.claimed.x", "xjob.claimed", "#"):
+        assert not allowed(events["write"], key), f"the worker may publish {key}"
+    assert events["read"] == "^$"
+
+
 def rabbitmq_hash_matches(password: str, encoded: str) -> bool:
     """rabbit_password_hashing_sha256: base64(salt + sha256(salt + password)), 4-byte salt."""
     raw = base64.b64decode(encoded)
@@ -600,15 +625,18 @@ def test_compose_passwords_match_the_broker_and_redis_users() -> None:
             f"{service}: the password in JLM_AMQP_URL does not match definitions.json"
         )
         redis_url = urlsplit(env["JLM_REDIS_URL"])
-        assert redis_url.username == "jlm", f"{service} must use the Redis user jlm"
+        role = REDIS_USERS[service]
+        assert redis_url.username == role, f"{service} must use the Redis user {role}"
         digest = hashlib.sha256((redis_url.password or "").encode()).hexdigest()
         acl = (DEPLOY / "redis" / "users.acl").read_text(encoding="utf-8")
-        assert re.search(rf"^user jlm on .*#{digest}\b", acl, flags=re.MULTILINE), (
+        assert re.search(rf"^user {role} on .*#{digest}\b", acl, flags=re.MULTILINE), (
             f"{service}: the password in JLM_REDIS_URL does not match users.acl"
         )
 
 
 # -- Redis ACL ------------------------------------------------------------------------------------
+
+REDIS_USERS = {"daemon": "jlm", "worker": "jlm-worker"}
 
 PROBE_PASSWORD = secrets.token_hex(16)
 
@@ -637,9 +665,9 @@ def acl_redis(tmp_path: Path) -> Iterator[Path]:
         proc.communicate(timeout=10)
 
 
-def redis_password() -> str:
-    url = urlsplit(compose()["services"]["daemon"]["environment"]["JLM_REDIS_URL"])
-    assert url.password, "the compose daemon's JLM_REDIS_URL has no password"
+def redis_password(service: str = "daemon") -> str:
+    url = urlsplit(compose()["services"][service]["environment"]["JLM_REDIS_URL"])
+    assert url.password, f"the compose {service}'s JLM_REDIS_URL has no password"
     return url.password
 
 
@@ -723,3 +751,64 @@ def test_operations_doc_links_resolve() -> None:
     files = set(re.findall(r"`((?:systemd|deploy|examples)/[\w./@-]+)`", text))
     missing = sorted(f for f in files if not (ROOT / f).exists())
     assert not missing, f"docs/operations.md names files that do not exist: {missing}"
+
+
+async def test_redis_roles_daemon_and_worker(acl_redis: Path, settings: Settings) -> None:
+    """The daemon (user jlm) decides, the worker (user jlm-worker) runs its four scripts; the
+    worker cannot touch an idempotency record, send a cancel notice, or reach another key."""
+    from jlm.keys import Keys, scope_tag
+    from jlm.lifecycle import Context, Lifecycle
+    from jlm.protocol import ManageRequest
+    from jlm.store import Store, connect
+    from jlm.worker_job import now
+    from jlm.worker_store import Run, WorkerStore
+
+    def url(user: str, password: str) -> str:
+        return f"unix://{user}:{password}@{acl_redis}?db=0"
+
+    keys = Keys("jlm")
+    daemon = Store(connect(url("jlm", redis_password())), keys, Metrics())
+    worker = Store(connect(url("jlm-worker", redis_password("worker"))), keys, Metrics())
+    try:
+        lifecycle = Lifecycle(daemon, settings, Metrics())
+        ws = WorkerStore(worker, 600)
+        await daemon.ping_script()
+        await worker.ping_script()  # readiness: result.lua, and every script loaded
+        req = ManageRequest(job_type="t", payload={}, cache_prefix="p")
+        job = (await lifecycle.manage(req, Context("r1", True, None))).reply["new_job_id"]
+        facts = await ws.claim(job, "w1", now(), lease_ms=5000, max_attempts=1)
+        assert facts.o == "claimed", facts.raw
+        run = Run(job, "w1", int(facts.get("claim")))
+        assert await ws.heartbeat(run, 5000) == "running"
+        done = await ws.finish(
+            run, ("p", "t"), "succeeded", now(), "1", result_ttl=60, max_attempts=1
+        )
+        assert (done.o, done.get("cached")) == ("succeeded", True), done.raw
+        again = await lifecycle.manage(
+            ManageRequest(job_type="t", payload={}, cache_prefix="p", policy="reuse"),
+            Context("r2", True, None),
+        )
+        assert again.reply["success"] is True
+
+        tag = scope_tag("p", "t")
+        client = worker.client
+        write_request = "return redis.call('HSET', KEYS[1], 'f', 'x')"
+        refused = [
+            ("SET", keys.request(tag, "r9"), "forged"),
+            ("GET", keys.request(tag, "r1")),
+            ("DEL", keys.request(tag, "r1")),
+            ("EVAL", write_request, "1", keys.request(tag, "r1")),
+            ("PUBLISH", keys.cancel_channel, job),
+            ("EVAL", "return redis.call('PUBLISH', 'jlm:cancel', 'x')", "0"),
+            ("HGETALL", "other:key"),
+            ("SCAN", "0"),
+            ("FLUSHALL",),
+        ]
+        for command in refused:
+            with pytest.raises(redis.exceptions.ResponseError):
+                await client.execute_command(*command)
+        async with client.pubsub() as pubsub:  # type: ignore[union-attr]
+            await pubsub.subscribe(keys.cancel_channel)
+    finally:
+        await daemon.close()
+        await worker.close()

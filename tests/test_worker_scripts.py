@@ -56,10 +56,9 @@ class Scripts:
         *,
         lease_ms: int = LONG,
         max_attempts: int = 1,
-        gen: int = 0,
     ) -> Facts:
         return await self.ws.claim(
-            job_id, owner, now(), lease_ms=lease_ms, max_attempts=max_attempts, gen=gen
+            job_id, owner, now(), lease_ms=lease_ms, max_attempts=max_attempts
         )
 
     async def finish(
@@ -136,16 +135,17 @@ async def test_claim_skips_what_must_not_run(scripts: Scripts) -> None:
         await scripts.finish(run_of(facts, done), "succeeded", "1", prefix="d")
     ).o == "succeeded"
     assert (await scripts.claim(done)).get("reason") == "succeeded"
-    # A retried job is re-published with x-jlm-gen 1: the first message is then a stale duplicate.
+    # A retried job is pending again: whichever of its messages comes first claims it (the claim
+    # reads no header), and any other copy then finds it running or finished.
     retried = await scripts.enqueue("r")
     facts = await scripts.claim(retried, max_attempts=2)
     again = await scripts.finish(
         run_of(facts, retried), "failed", "boom", prefix="r", max_attempts=2
     )
-    assert (again.o, again.state, again.get("gen")) == ("retry", "pending", 0)
-    assert (await scripts.claim(retried, max_attempts=2, gen=1)).o == "claimed"
-    stale = await scripts.claim(retried, "w2", max_attempts=2, gen=0)
-    assert (stale.o, stale.get("reason")) == ("skip", "stale")
+    assert (again.o, again.state, again.get("gen")) == ("retry", "pending", 1)
+    second = await scripts.claim(retried, "w2", max_attempts=2)
+    assert (second.o, second.get("attempt")) == ("claimed", 2)
+    assert (await scripts.claim(retried, "w3", max_attempts=2)).o == "wait"
 
 
 @pytest.mark.parametrize(("max_attempts", "state"), [(2, "running"), (1, "failed")])
@@ -253,21 +253,22 @@ async def test_a_cancelled_job_refuses_its_result_and_records_the_stop(scripts: 
 
 async def test_failures_retry_until_max_attempts(scripts: Scripts) -> None:
     job = await scripts.enqueue()
-    for attempt, gen in ((1, 0), (2, 1)):
-        facts = await scripts.claim(job, max_attempts=3, gen=gen)
+    for attempt in (1, 2):
+        facts = await scripts.claim(job, max_attempts=3)
         assert facts.get("attempt") == attempt
         retry = await scripts.finish(run_of(facts, job), "failed", f"e{attempt}", max_attempts=3)
-        assert (retry.o, retry.state, retry.get("gen")) == ("retry", "pending", gen)
+        # `gen` counts the retries; the re-published message carries it for reading only.
+        assert (retry.o, retry.state, retry.get("gen")) == ("retry", "pending", attempt)
         record = await scripts.job(job)
         assert (record["state"], record["error"], record["attempt"]) == (
             "pending",
             f"e{attempt}",
             str(attempt),
         )
-    facts = await scripts.claim(job, max_attempts=3, gen=2)
+    facts = await scripts.claim(job, max_attempts=3)
     final = await scripts.finish(run_of(facts, job), "failed", "e3", max_attempts=3)
     assert (final.o, final.state, final.get("attempt")) == ("failed", "failed", 3)
-    assert (await scripts.claim(job, max_attempts=3, gen=3)).get("reason") == "failed"
+    assert (await scripts.claim(job, max_attempts=3)).get("reason") == "failed"
 
 
 async def test_release_gives_the_job_back_without_counting_an_attempt(scripts: Scripts) -> None:

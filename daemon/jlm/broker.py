@@ -149,6 +149,9 @@ class AmqpSession:
         conn.close_callbacks.add(lambda *_: self.closed.set())
         try:
             await self._setup(conn)
+        except Unavailable:
+            await self.close()
+            raise
         except (AMQPError, OSError, RuntimeError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_here():
                 raise
@@ -302,6 +305,19 @@ class Broker(AmqpSession):
         for ch in (self._consume_ch, self._publish_ch, self._reply_ch):
             ch.close_callbacks.add(lambda *_: self.closed.set())
         await self.declare_topology()
+        await self._declare_configured_job_queues()
+
+    async def _declare_configured_job_queues(self) -> None:
+        """The queue of every configured job type, at start: a worker whose broker user may not
+        declare queues finds its queue before the first request of its type."""
+        file = self._settings.file
+        for job_type in sorted(file.job_types):
+            try:
+                await self.ensure_job_queue(file.queue_for(job_type), job_type)
+            except Unavailable as exc:
+                # Declared again with the first job of the type; a conflicting queue must not
+                # keep the daemon from serving every other type.
+                log.warning("job queue of %s not declared at start: %s", job_type, exc.message)
 
     async def declare_topology(self) -> None:
         """Idempotent declarations of every fixed name of the contract."""

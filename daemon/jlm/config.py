@@ -60,6 +60,9 @@ class UserGrant(BaseModel):
     prefixes: tuple[str, ...] = ()
     job_types: tuple[str, ...] = ()
     operations: tuple[str, ...] = ()
+    # Where replies may go: by default only server-named queues and direct reply-to, so a request
+    # cannot fill another queue of the vhost with replies.
+    reply_to: tuple[str, ...] = ("amq.gen-*", "amq.rabbitmq.reply-to*")
 
     def allows(self, op: str, cache_prefix: str | None, job_type: str | None) -> bool:
         def match(name: str, globs: tuple[str, ...]) -> bool:
@@ -70,6 +73,9 @@ class UserGrant(BaseModel):
         if cache_prefix is not None and not match(cache_prefix, self.prefixes):
             return False
         return job_type is None or match(job_type, self.job_types)
+
+    def allows_reply_to(self, queue: str) -> bool:
+        return any(fnmatch.fnmatchcase(queue, g) for g in self.reply_to)
 
 
 class AuthConfig(BaseModel):

@@ -21,6 +21,7 @@ class JlmError(Exception):
     code = "internal"
     disposition = Disposition.DEAD_LETTER
     outcome = "error"
+    replies = True  # answered on the request's reply_to
 
     def __init__(self, message: str) -> None:
         # Replies, dead letters, events and logs carry the message: no password in any of them.
@@ -54,6 +55,12 @@ class UnsupportedOperation(Rejected):
 
 class Forbidden(Rejected):
     code = "forbidden"
+
+
+class ReplyToForbidden(Forbidden):
+    """A `reply_to` outside the caller's grant: dead-lettered, and no reply goes to that queue."""
+
+    replies = False
 
 
 class NotFound(JlmError):

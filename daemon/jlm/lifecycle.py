@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from jlm.config import Settings
-from jlm.errors import Forbidden, JlmError, NotFound, UnknownJobType
+from jlm.config import Settings, UserGrant
+from jlm.errors import Forbidden, JlmError, NotFound, ReplyToForbidden, UnknownJobType
 from jlm.keys import Keys, new_job_id, scope_tag, tag_of_job
 from jlm.metrics import Metrics
 from jlm.protocol import (
@@ -35,6 +35,7 @@ class Context:
     request_id: str
     idempotent: bool  # the request carried a message_id: its decision is recorded and replayed
     actor: str | None
+    reply_to: str | None = None
 
 
 @dataclass(slots=True)
@@ -72,7 +73,11 @@ class Lifecycle:
 
     # -- authorisation ---------------------------------------------------------------------------
 
-    def authorize(self, ctx: Context, op: str, cache_prefix: str, job_type: str) -> None:
+    def authorize(
+        self, ctx: Context, op: str, cache_prefix: str, job_type: str, job_id: str | None = None
+    ) -> None:
+        """A refusal names the caller and what it asked for: the scope it named itself, or the
+        job id it named, never the scope of a job it may not see."""
         auth = self._file.auth
         if not auth.enabled:
             return
@@ -80,6 +85,8 @@ class Lifecycle:
             raise Forbidden("authorisation is on: the request needs a broker-validated user_id")
         grant = auth.users.get(ctx.actor)
         if grant is None or not grant.allows(op, cache_prefix, job_type):
+            if job_id is not None:
+                raise Forbidden(f"user {ctx.actor!r} may not {op} job {job_id!r}")
             raise Forbidden(f"user {ctx.actor!r} may not {op} in scope {cache_prefix}/{job_type}")
 
     def check_job_type(self, job_type: str) -> None:
@@ -87,7 +94,9 @@ class Lifecycle:
             raise UnknownJobType(f"job type {job_type!r} is not configured")
 
     def validate(self, op: str, request: Request, ctx: Context) -> None:
-        """The checks that need no Redis: job type and scope grants (job-id grants come later)."""
+        """The checks that need no Redis: reply_to, job type and scope grants (job-id grants come
+        later)."""
+        self.authorize_reply_to(ctx)
         if isinstance(request, ManageRequest | ScopeRequest):
             self.check_job_type(request.job_type)
             self.authorize(ctx, op, request.cache_prefix, request.job_type)
@@ -99,6 +108,21 @@ class Lifecycle:
             grant = self._file.auth.users.get(ctx.actor)
             if grant is None or not grant.allows(op, None, None):
                 raise Forbidden(f"user {ctx.actor!r} may not {op}")
+
+    def reply_allowed(self, ctx: Context) -> bool:
+        """With authorisation on, replies go only to the queues the caller's grant names (and
+        without a broker-validated caller, nowhere but the default grant's queues)."""
+        auth = self._file.auth
+        if not auth.enabled or not ctx.reply_to:
+            return True
+        grant = auth.users.get(ctx.actor) if ctx.actor is not None else None
+        return (grant or UserGrant()).allows_reply_to(ctx.reply_to)
+
+    def authorize_reply_to(self, ctx: Context) -> None:
+        if not self.reply_allowed(ctx):
+            raise ReplyToForbidden(
+                f"user {ctx.actor!r} may not have replies sent to {ctx.reply_to!r:.200}"
+            )
 
     # -- manage ----------------------------------------------------------------------------------
 
@@ -234,7 +258,7 @@ class Lifecycle:
     async def cancel(self, req: CancelRequest, ctx: Context) -> Outcome:
         if self._file.auth.enabled:
             job, _ = await self._read_job(req.job_id)
-            self.authorize(ctx, "cancel", job["cache_prefix"], job["job_type"])
+            self.authorize(ctx, "cancel", job["cache_prefix"], job["job_type"], req.job_id)
         tag = tag_of_job(req.job_id)
         if tag is None:
             raise NotFound(f"no job {req.job_id[:80]!r}")
@@ -290,7 +314,7 @@ class Lifecycle:
 
     async def status(self, req: StatusRequest, ctx: Context) -> Outcome:
         job, history = await self._read_job(req.job_id)
-        self.authorize(ctx, "status", job["cache_prefix"], job["job_type"])
+        self.authorize(ctx, "status", job["cache_prefix"], job["job_type"], req.job_id)
         reply = {
             "success": True,
             "job_id": req.job_id,

@@ -1,19 +1,18 @@
-"""Prometheus collectors and the small HTTP server for /metrics, /healthz and /readyz."""
+"""Prometheus collectors on one injected registry, and the health checks /readyz sums."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -33,8 +32,19 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     """Every collector the daemon and the worker SDK export, built on one injected registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, max_job_types: int = 100) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        max_job_types: int = 100,
+        *,
+        process: bool = True,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        if process:
+            # process_* (resident memory, CPU seconds, open and max fds, start time; Linux only)
+            # and python_info, on this registry rather than the library's global one.
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
         self._max_job_types = max_job_types
         self._job_types: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -210,76 +220,3 @@ class HealthState:
     @property
     def ready(self) -> bool:
         return bool(self.checks) and all(self.checks.values())
-
-
-class HttpServer:
-    """A minimal HTTP/1.1 server: three GET routes need no framework."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        health: HealthState,
-        host: str,
-        port: int,
-        on_scrape: Callable[[], None] | None = None,
-    ) -> None:
-        self._metrics = metrics
-        self._health = health
-        self._host = host
-        self._port = port
-        self._on_scrape = on_scrape
-        self._server: asyncio.Server | None = None
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
-        log.info("metrics and health on http://%s:%d", self._host, self.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = line.decode("latin-1").split()
-            method, path = (parts[0], parts[1].split("?")[0]) if len(parts) >= 2 else ("", "")
-            status, ctype, body = self._route(method, path)
-            head = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-
-    def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
-        text = "text/plain; charset=utf-8"
-        if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", text, b"method not allowed\n"
-        if path == "/metrics":
-            if self._on_scrape is not None:
-                self._on_scrape()
-            self._metrics.ready.set(1 if self._health.ready else 0)
-            return "200 OK", CONTENT_TYPE_LATEST, self._metrics.render()
-        if path == "/healthz":
-            return "200 OK", text, b"ok\n"
-        if path == "/readyz":
-            detail = "".join(
-                f"{name} {'ok' if ok else 'down'}\n"
-                for name, ok in sorted(self._health.checks.items())
-            ).encode()
-            if self._health.ready:
-                return "200 OK", text, b"ready\n" + detail
-            return "503 Service Unavailable", text, b"not ready\n" + detail
-        return "404 Not Found", text, b"not found\n"

@@ -19,9 +19,10 @@ from jlm import __version__
 from jlm.broker import REQUESTS, Broker
 from jlm.config import OPERATIONS, Settings, redact_url
 from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Unavailable
+from jlm.http_server import HttpServer
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
-from jlm.metrics import HealthState, HttpServer, Metrics
+from jlm.metrics import HealthState, Metrics
 from jlm.protocol import MAX_ID_LEN, CancelRequest, Request, StatusRequest, parse_request
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
@@ -285,6 +286,7 @@ class Service:
             request_id=message.message_id or uuid.uuid4().hex,
             idempotent=bool(message.message_id),
             actor=message.user_id,
+            reply_to=message.reply_to,
         )
         self._inflight += 1
         self._idle.clear()
@@ -417,15 +419,19 @@ class Service:
 
         await self._retry(broker, publish)
         self.metrics.dead_lettered.labels(code=error.code).inc()
-        await self._answer(broker, message, outcome.reply)
+        # Never a reply to a queue outside the caller's grant, whatever else was wrong.
+        send = error.replies and self.lifecycle.reply_allowed(ctx)
+        await self._answer(broker, message, outcome.reply, send_reply=send)
 
     async def _answer(
         self,
         broker: Broker,
         message: AbstractIncomingMessage,
         reply: dict[str, Any],
+        *,
+        send_reply: bool = True,
     ) -> None:
-        if message.reply_to:
+        if message.reply_to and send_reply:
             await broker.reply(message.reply_to, message.correlation_id, reply)
         try:
             await broker.ack(message)

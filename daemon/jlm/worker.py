@@ -27,11 +27,12 @@ from redis.exceptions import RedisError
 
 from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
+from jlm.http_server import HttpServer
 from jlm.keys import Keys
-from jlm.metrics import HealthState, HttpServer, Metrics
+from jlm.metrics import HealthState, Metrics
 from jlm.provenance import Event
 from jlm.store import RedisClient, Store, connect
-from jlm.worker_broker import GEN_HEADER, WorkerBroker
+from jlm.worker_broker import QueueMissing, WorkerBroker
 from jlm.worker_job import (
     Active,
     Handler,
@@ -134,13 +135,14 @@ class Worker:
         broker = self._new_broker()
         try:
             await self._store.store.ping_script()
-            await broker.open()
             if self._http is not None:
-                await self._http.start()
+                await self._http.start()  # /readyz answers 503 while the queue is awaited
+            broker = await self._open_when_queue_exists(broker)
             self.health.set("redis", True)
             listener = asyncio.create_task(self._listen_cancels(), name="jlm cancel listener")
             try:
-                await self._sessions(broker)
+                if not self._stopping.is_set():
+                    await self._sessions(broker)
                 await self._drain()
             finally:
                 listener.cancel()
@@ -164,6 +166,23 @@ class Worker:
             self._stop_grace = 0
             for active in self._active.values():
                 active.interrupt("stopping")
+
+    async def _open_when_queue_exists(self, broker: WorkerBroker) -> WorkerBroker:
+        """Open the first session; while the job queue does not exist (a broker user without
+        configure permission, started before the daemon), wait for it instead of exiting."""
+        delay = 0.2
+        while True:
+            try:
+                await broker.open()
+                return broker
+            except QueueMissing as exc:
+                self.health.set("queue", False)
+                self._warn_rarely("queue", "waiting: %s", exc.message)
+            await first_of(self._stopping.wait(), asyncio.sleep(delay))
+            delay = min(delay * 2, self.settings.retry_max_delay)
+            if self._stopping.is_set():
+                return broker
+            broker = self._new_broker()
 
     def _new_broker(self) -> WorkerBroker:
         name = f"jlm worker {self.id}"
@@ -206,6 +225,8 @@ class Worker:
             delay = 0.2
 
     def _set_consuming(self, up: bool) -> None:
+        if up:
+            self.health.checks.pop("queue", None)
         self.health.set("rabbitmq", up)
         self.health.set("consuming", up)
 
@@ -255,7 +276,7 @@ class Worker:
         if msg is None:
             later.append(self._emit(invalid(self._deps, self.job_type, message.message_id)))
             return "ack"
-        facts = await self._claim(broker, msg, _int((message.headers or {}).get(GEN_HEADER)))
+        facts = await self._claim(broker, msg)
         if facts is None:
             return "keep" if broker.closed.is_set() else "requeue"
         if facts.o == "claimed":
@@ -263,7 +284,7 @@ class Worker:
         later.append(self._emit(unclaimed(self._deps, msg, facts)))
         return "ack"
 
-    async def _claim(self, broker: WorkerBroker, msg: ReceivedJob, gen: int) -> Facts | None:
+    async def _claim(self, broker: WorkerBroker, msg: ReceivedJob) -> Facts | None:
         """Claim, or wait while another run holds a live lease. None: give the message back."""
         jt = self.settings.file.job_type(msg.job_type)
         max_attempts = jt.max_attempts if jt is not None else 1
@@ -276,7 +297,6 @@ class Worker:
                     now(),
                     lease_ms=self._deps.lease_ms,
                     max_attempts=max_attempts,
-                    gen=gen,
                 ),
             )
             if facts is None or facts.o != "wait":
@@ -449,13 +469,6 @@ async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False) ->
             await message.ack()
     except (AMQPError, OSError, RuntimeError) as exc:
         log.info("settling job message %s: channel gone (%s)", message.message_id, exc)
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value) if value is not None else 0
-    except (TypeError, ValueError):
-        return 0
 
 
 def _redis(settings: Settings, cluster: bool, url: str | None = None) -> RedisClient:

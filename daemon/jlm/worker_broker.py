@@ -7,7 +7,7 @@ import logging
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection
-from aiormq.exceptions import ChannelAccessRefused
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
 from jlm.broker import EVENTS, JOBS, JSON, AmqpSession, Callback, Outgoing
@@ -18,6 +18,11 @@ from jlm.provenance import Event
 log = logging.getLogger(__name__)
 
 GEN_HEADER = "x-jlm-gen"
+
+
+class QueueMissing(Unavailable):
+    """The job queue does not exist and this user may not declare it: the daemon declares the
+    configured job types' queues at start, so the worker waits for it."""
 
 
 class WorkerBroker(AmqpSession):
@@ -54,7 +59,14 @@ class WorkerBroker(AmqpSession):
             ch = self._publish_ch = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            await ch.declare_queue(self.queue_name, passive=True)
+            try:
+                await ch.declare_queue(self.queue_name, passive=True)
+            except ChannelNotFoundEntity as exc:
+                raise QueueMissing(
+                    f"rabbitmq: queue {self.queue_name} does not exist yet (the daemon declares "
+                    "it at start when the job type is configured)",
+                    "rabbitmq",
+                ) from exc
 
     async def consume(self, callback: Callback) -> None:
         await self._start_consuming(callback)

@@ -184,7 +184,7 @@ class JobRunner:
             out = {"error": value, "retry_in_s": delay, "max_attempts": self._max_attempts}
             await self._emit("job.failed", "pending", facts, base, out)
             await first_of(d.stopping.wait(), asyncio.sleep(delay))
-            return "ack" if await d.republish(self._msg, int(facts.get("gen", 0)) + 1) else "keep"
+            return "ack" if await d.republish(self._msg, int(facts.get("gen", 0))) else "keep"
         elif facts.o == "failed":
             self._count("failed", duration)
             await self._emit("job.failed", "failed", facts, base, {"error": value})

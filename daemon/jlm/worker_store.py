@@ -63,13 +63,13 @@ class WorkerStore:
         *,
         lease_ms: int,
         max_attempts: int,
-        gen: int,
     ) -> Facts:
+        """Decided from the job's record alone, never from the job message."""
         k = self.keys
         return await self._facts(
             "claim",
             [k.job(job_id), k.history(job_id)],
-            [owner, now, lease_ms, max_attempts, gen, HISTORY_BOUND, self._job_ttl],
+            [owner, now, lease_ms, max_attempts, HISTORY_BOUND, self._job_ttl],
         )
 
     async def heartbeat(self, run: Run, lease_ms: int) -> str:

@@ -65,6 +65,7 @@ class Publisher:
     name: str = "publisher"
     window: int = 200
     declare: bool = True  # declare jlm.requests (classic) so requests can wait for a daemon
+    server_named_replies: bool = False  # amq.gen-* (what the default reply_to grant allows)
     replies: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     sent: list[Sent] = field(default_factory=list)
     _conn: AbstractConnection | None = None
@@ -79,9 +80,10 @@ class Publisher:
         )
         self._channel = await self._conn.channel(publisher_confirms=True)
         await self._channel.set_qos(prefetch_count=1000)
-        queue = await self._channel.declare_queue(
-            f"fault-replies-{self.name}-{uuid.uuid4().hex[:8]}", exclusive=True, auto_delete=True
+        name = (
+            "" if self.server_named_replies else f"fault-replies-{self.name}-{uuid.uuid4().hex[:8]}"
         )
+        queue = await self._channel.declare_queue(name, exclusive=True, auto_delete=True)
         self._reply_queue = queue.name
         await queue.consume(self._on_reply, no_ack=True)
         if self.declare:

@@ -188,7 +188,9 @@ async def test_hostile_requests_through_the_broker(
     expected = {f"h{n}": oracle().judge(case) for n, case in enumerate(all_cases)}
     by_corr = {f"h{n}": case for n, case in enumerate(all_cases)}
 
-    async with Publisher(amqp_url, "hostile") as pub:
+    # A server-named reply queue: with authorisation on, replies go only to the queues a grant
+    # allows, and a caller without a grant (no or a foreign user_id) gets the default grant's.
+    async with Publisher(amqp_url, "hostile", server_named_replies=True) as pub:
         with raw_fields():
             for corr, case in by_corr.items():
                 await pub.publish_raw(
@@ -271,7 +273,8 @@ async def test_hostile_requests_through_the_broker(
     allowed_queues = {"jlm.requests", "jlm.dead", "jlm.provenance"} | {
         f"jlm.jobs.{t}" for t in JOB_TYPES
     }
-    assert {q for q in queues if not q.startswith("fault-replies-")} <= allowed_queues, queues
+    reply_queues = ("fault-replies-", "amq.gen-")
+    assert {q for q in queues if not q.startswith(reply_queues)} <= allowed_queues, queues
 
     assert metric(text, "jlm_requests_total", outcome="error") == 0
     assert "internal error" not in logs

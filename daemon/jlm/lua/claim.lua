@@ -1,42 +1,42 @@
 -- claim.lua: a worker claims one job for one run, atomically.
 --
 -- KEYS[1]  job hash            fields written here: state, owner, claim, lease_until, attempt,
---                              gen, started_at, updated_at (and error, cancel_reason on a lost job)
+--                              started_at, updated_at (and error, cancel_reason on a lost job)
 -- KEYS[2]  job history         list of JSON entries
 -- ARGV[1]  worker id           becomes the job's `owner`
 -- ARGV[2]  now                 RFC 3339 (history and timestamps)
 -- ARGV[3]  lease               milliseconds; the deadline is Redis TIME + lease
 -- ARGV[4]  max_attempts        of the job's type
--- ARGV[5]  message generation  header x-jlm-gen of the job message (0 on the daemon's message);
---                              a message older than the job's `gen` is a stale duplicate
--- ARGV[6]  history bound       entries kept per job
--- ARGV[7]  job TTL             seconds
+-- ARGV[5]  history bound       entries kept per job
+-- ARGV[6]  job TTL             seconds
+--
+-- The decision reads only the job's record: nothing of the job message (a header such as
+-- x-jlm-gen can be forged by anyone who may publish to jlm.jobs) can make a job be skipped.
 --
 -- Returns a JSON object: o (claimed | skip | wait | lost), state (after), and
 --   claimed: attempt, claim (claim sequence: with owner it names this run), lease_until (ms),
 --            recovered (the previous worker's lease had expired)
---   skip:    reason (cancelled | succeeded | failed | unknown | stale | superseded)
+--   skip:    reason (cancelled | succeeded | failed | unknown | superseded)
 --   wait:    wait_ms (until the live lease of another run expires), owner
 --   lost:    the previous worker's lease expired and no attempt is left (state failed), or the
 --            job was superseded meanwhile (state cancelled)
 -- and job_type, cache_prefix, priority, request_id, attempt, superseded_by of the job when known.
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'job_type', 'cache_prefix', 'priority',
-  'request_id', 'attempt', 'owner', 'lease_until', 'gen', 'superseded_by', 'claim')
+  'request_id', 'attempt', 'owner', 'lease_until', 'superseded_by', 'claim')
 local state = j[1]
 if not state then
   return cjson.encode({o = 'skip', reason = 'unknown', state = 'unknown'})
 end
 
 local now = ARGV[2]
-local bound, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local bound, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 local attempt = tonumber(j[6] or '0')
-local gen, msg_gen = tonumber(j[9] or '0'), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local f = {state = state, job_type = j[2] or nil, cache_prefix = j[3] or nil,
   priority = tonumber(j[4] or '5'), request_id = j[5] or nil, attempt = attempt,
-  superseded_by = j[10] or nil}
+  superseded_by = j[9] or nil}
 
 local function note(st, reason)
   redis.call('RPUSH', KEYS[2], cjson.encode({state = st, at = now, reason = reason}))
@@ -53,13 +53,10 @@ end
 if state == 'cancelled' or state == 'succeeded' or state == 'failed' then
   return skip(state)
 end
-if msg_gen < gen then
-  return skip('stale')
-end
 
 local recovered = false
 if state == 'pending' then
-  if j[10] then
+  if j[9] then
     return skip('superseded')
   end
 elseif state == 'running' then
@@ -70,11 +67,11 @@ elseif state == 'running' then
   end
   -- The lease expired: the worker that ran this job is gone (its message came back to us).
   local lost = 'worker ' .. tostring(j[7]) .. ' lost (lease expired)'
-  if j[10] then
+  if j[9] then
     redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_reason', 'superseded',
       'updated_at', now)
     redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
-    note('cancelled', lost .. '; superseded by ' .. j[10] .. ', not run again')
+    note('cancelled', lost .. '; superseded by ' .. j[9] .. ', not run again')
     f.o, f.state = 'lost', 'cancelled'
     return cjson.encode(f)
   end
@@ -92,11 +89,10 @@ else
 end
 
 attempt = attempt + 1
-local claim = tonumber(j[11] or '0') + 1
+local claim = tonumber(j[10] or '0') + 1
 local lease_until = now_ms + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[1], 'claim', claim,
-  'lease_until', lease_until, 'attempt', attempt, 'gen', math.max(gen, msg_gen),
-  'started_at', now, 'updated_at', now)
+  'lease_until', lease_until, 'attempt', attempt, 'started_at', now, 'updated_at', now)
 redis.call('HDEL', KEYS[1], 'error')
 local why = 'claimed by ' .. ARGV[1] .. ' (attempt ' .. attempt .. ')'
 if recovered then

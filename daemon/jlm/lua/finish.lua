@@ -20,8 +20,8 @@
 -- cancel_requested, and
 --   o = succeeded  cached: true when the result was written (the job is the scope's current job),
 --                  false when the job was superseded while running (a refused late result)
---   o = retry      back to `pending` (attempts left); the worker re-publishes the job message
---                  with x-jlm-gen = gen + 1
+--   o = retry      back to `pending` (attempts left); `gen` counts the retries: the worker
+--                  re-publishes the job message with x-jlm-gen = gen (informational only)
 --   o = failed     final failure
 --   o = stopped    the job was cancelled while running here; whatever the run produced is refused
 --                  (refused: true when it was a result)
@@ -92,6 +92,7 @@ end
 redis.call('HSET', KEYS[1], 'error', value, 'updated_at', now)
 if f.attempt < tonumber(ARGV[7]) and not j[5] then
   redis.call('HSET', KEYS[1], 'state', 'pending')
+  f.gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
   note('pending', 'attempt ' .. f.attempt .. ' failed: ' .. value .. '; retrying')
   f.o, f.state = 'retry', 'pending'
   return cjson.encode(f)
