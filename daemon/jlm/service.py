@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import signal
@@ -22,7 +23,14 @@ from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Unavaila
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
 from jlm.metrics import HealthState, HttpServer, Metrics
-from jlm.protocol import MAX_ID_LEN, CancelRequest, Request, StatusRequest, parse_request
+from jlm.protocol import (
+    MAX_ID_LEN,
+    CancelRequest,
+    Request,
+    StatusRequest,
+    parse_request,
+    request_digest,
+)
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
 
@@ -285,6 +293,7 @@ class Service:
             request_id=message.message_id or uuid.uuid4().hex,
             idempotent=bool(message.message_id),
             actor=message.user_id,
+            redelivered=bool(message.redelivered),
         )
         self._inflight += 1
         self._idle.clear()
@@ -296,6 +305,9 @@ class Service:
                     raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
                 request = parse_request(op, message.body, self.settings.file.max_request_bytes)
                 self.lifecycle.validate(op, request, ctx)
+                if ctx.idempotent:
+                    digest = request_digest(op, ctx.actor, message.body)
+                    ctx = dataclasses.replace(ctx, digest=digest)
             except JlmError as exc:
                 outcome_label = exc.outcome
                 await self._reject(broker, message, op, exc, ctx)
@@ -325,6 +337,8 @@ class Service:
                     confirmed,
                 ),
             )
+            if outcome.republishing is not None:
+                await self._retry(broker, lambda: self.lifecycle.note_republished(outcome, ctx))
             await self._answer(broker, message, outcome.reply)
         except SessionLost:
             outcome_label = "error"

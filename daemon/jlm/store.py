@@ -25,7 +25,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from jlm.errors import Unavailable
+from jlm.errors import IdempotencyConflict, Unavailable
 from jlm.keys import Keys
 from jlm.metrics import Metrics
 
@@ -43,8 +43,15 @@ _PASSING_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", 
 _PASSING_REPLY_CLASSES = (NoScriptError, ReadOnlyError, TryAgainError, ClusterDownError)
 
 
+# Scripts that record a decision start with the prelude `record.lua`.
+RECORDING = ("manage", "cancel", "invalidate")
+
+
 def load_lua(name: str) -> str:
-    return resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    text = resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    if name in RECORDING:
+        return load_lua("record") + text
+    return text
 
 
 def connect(
@@ -84,10 +91,17 @@ def connect(
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What a script decided: its facts, and whether they were a replay of an earlier decision."""
+    """What a script decided: its facts, and whether they were a replay of an earlier decision.
+
+    `result` is the cached result a `reuse` hit answers with (read afresh on a replay, None once
+    gone). On a replay, `job_state` is the decided job's state now and `republished` tells that a
+    redelivery has already published the decision's job and events again."""
 
     replayed: bool
     facts: dict[str, Any]
+    result: bytes | None = None
+    job_state: str | None = None
+    republished: bool = False
 
 
 class Store:
@@ -108,7 +122,15 @@ class Store:
         self._scripts: dict[str, AsyncScript] = {}
         self._timers: dict[str, Any] = {}
         self._loaded = False
-        for name in ("manage", "cancel", "status", "invalidate", "result"):
+        for name in (
+            "manage",
+            "cancel",
+            "status",
+            "invalidate",
+            "result",
+            "bind",
+            "republished",
+        ):
             self.register(name)
 
     def register(self, name: str) -> None:
@@ -134,8 +156,33 @@ class Store:
         return result
 
     async def decide(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Decision:
-        replayed, facts = await self.run(name, keys, args)
-        return Decision(bool(replayed), orjson.loads(facts))
+        """Run a recording script; IdempotencyConflict when its key is bound to another request."""
+        status, facts, *rest = await self.run(name, keys, args)
+        if status == 2:
+            raise IdempotencyConflict(
+                "this message_id was used for another request (operation, scope or body); "
+                "use a new message_id for a new request"
+            )
+        result, state, republished = (*rest, None, None, None)[:3]
+        return Decision(
+            replayed=status == 1,
+            facts=orjson.loads(facts),
+            result=result,
+            job_state=state.decode() if state else None,
+            republished=bool(republished),
+        )
+
+    async def bind(self, binding: str, digest: str, ttl: int) -> None:
+        """Bind an idempotency key in its own slot (Redis Cluster): IdempotencyConflict if taken."""
+        if not await self.run("bind", [binding], [digest, ttl]):
+            raise IdempotencyConflict(
+                "this message_id was used for another request (operation, scope or body); "
+                "use a new message_id for a new request"
+            )
+
+    async def note_republished(self, record: str, digest: str) -> None:
+        """Note on a request record that its decision was published again and confirmed."""
+        await self.run("republished", [record], [digest])
 
     async def ping_script(self) -> None:
         """A script call, not a PING: readiness must fail while scripts fail.

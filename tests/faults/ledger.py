@@ -1,7 +1,7 @@
 """The Jepsen-style ledger of a scenario: what was sent, acked, answered, decided and published.
 
 Every figure is read back from the servers themselves after the daemons stopped:
-- decisions: the request records in Redis (`<ns>:{tag}:req:<message_id>`), one per decided id;
+- decisions: the request records in Redis (`<ns>:{tag}:req:<message_id>:<actor>`), one per decided id;
 - duplicated decisions: a message_id that produced more than one job hash (each job hash names its
   request id), or more than one decision event (distinct `provenance_id` per request id);
 - jobs published: distinct job ids (AMQP message_id) in the job queues;
@@ -63,11 +63,13 @@ async def request_records(client: Any, namespace: str) -> dict[str, dict[str, An
     for chunk in _chunks(keys, 500):
         pipe = client.pipeline(transaction=False)
         for k in chunk:
-            pipe.get(k)
+            pipe.hget(k, "f")
         values = await pipe.execute()
         for key, value in zip(chunk, values, strict=True):
             if value is not None:
-                out[key.decode().split(":req:", 1)[1]] = orjson.loads(value)
+                # <ns>:{tag}:req:<message_id>:<actor digest>
+                message_id = key.decode().split(":req:", 1)[1].rsplit(":", 1)[0]
+                out[message_id] = orjson.loads(value)
     return out
 
 
