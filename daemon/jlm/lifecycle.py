@@ -48,8 +48,9 @@ class Outcome:
     queue: str | None = None
     events: list[Event] = field(default_factory=list)
     replayed: bool = False
-    # A replay publishing its decision again: the request record to note once all is confirmed.
-    republishing: str | None = None
+    # The request record to mark once the broker confirmed the job and events (None: no record,
+    # or a replay that publishes nothing).
+    record: str | None = None
 
 
 class Lifecycle:
@@ -250,26 +251,30 @@ class Lifecycle:
     def _settle_replay(
         self, out: Outcome, decision: Decision, record: str, ctx: Context, *, job_live: bool
     ) -> None:
-        """What a replay publishes: nothing, unless its delivery may never have been acked.
+        """What a decision publishes; a replay publishes nothing unless its delivery may be the
+        decided one, never acked.
 
         A redelivered message may be the delivery that was decided and then lost (a crash or a
-        failed publish before the ack): its job (while still pending) and events are published
-        again, rebuilt from the record, until one such republish is confirmed and noted. A new
-        delivery of a decided request (a publisher's retry) publishes nothing."""
+        failed publish before the ack): while the record holds no mark of a confirmed publish,
+        its job (if still pending) and events are published again, rebuilt from the record. A
+        new delivery of a decided request (a publisher's retry) publishes nothing: the delivery
+        that was decided is acked, or still held by a daemon, or will be redelivered."""
+        if ctx.idempotent:
+            out.record = record
         if not decision.replayed:
             return
-        if ctx.redelivered and not decision.republished:
-            out.republishing = record
+        if ctx.redelivered and not decision.published:
             if not job_live:
                 out.job = out.queue = None
             return
         out.job = out.queue = None
         out.events = []
+        out.record = None
 
-    async def note_republished(self, out: Outcome, ctx: Context) -> None:
-        """Once a replay's republish is confirmed: later redeliveries publish nothing."""
-        if out.republishing is not None:
-            await self._store.note_republished(out.republishing, ctx.digest)
+    def published(self, out: Outcome) -> None:
+        """The broker confirmed the outcome's job and events: mark its request record."""
+        if out.record is not None:
+            self._store.mark_published(out.record, self._file.idempotency_ttl)
 
     # -- by job id -------------------------------------------------------------------------------
 

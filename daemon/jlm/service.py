@@ -337,8 +337,7 @@ class Service:
                     confirmed,
                 ),
             )
-            if outcome.republishing is not None:
-                await self._retry(broker, lambda: self.lifecycle.note_republished(outcome, ctx))
+            self.lifecycle.published(outcome)
             await self._answer(broker, message, outcome.reply)
         except SessionLost:
             outcome_label = "error"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ from jlm.keys import Keys
 from jlm.metrics import Metrics
 
 HISTORY_BOUND = 50
+MARK_DELAY = 0.02  # seconds a published-mark waits for others to share its pipeline
+MARK_BATCH = 500
+log = logging.getLogger(__name__)
 # Connections per Redis node. redis-py fails a call beyond its pool's limit (MaxConnectionsError)
 # rather than waiting; `Store` holds its calls to this many at once.
 MAX_CONNECTIONS = 64
@@ -94,14 +98,14 @@ class Decision:
     """What a script decided: its facts, and whether they were a replay of an earlier decision.
 
     `result` is the cached result a `reuse` hit answers with (read afresh on a replay, None once
-    gone). On a replay, `job_state` is the decided job's state now and `republished` tells that a
-    redelivery has already published the decision's job and events again."""
+    gone). On a replay, `job_state` is the decided job's state now and `published` tells that the
+    broker confirmed the decision's job and events (noted after the fact, see `mark_published`)."""
 
     replayed: bool
     facts: dict[str, Any]
     result: bytes | None = None
     job_state: str | None = None
-    republished: bool = False
+    published: bool = False
 
 
 class Store:
@@ -122,6 +126,8 @@ class Store:
         self._scripts: dict[str, AsyncScript] = {}
         self._timers: dict[str, Any] = {}
         self._loaded = False
+        self._marks: list[tuple[str, int]] = []
+        self._flushing: asyncio.Task[None] | None = None
         for name in (
             "manage",
             "cancel",
@@ -129,7 +135,6 @@ class Store:
             "invalidate",
             "result",
             "bind",
-            "republished",
         ):
             self.register(name)
 
@@ -163,13 +168,13 @@ class Store:
                 "this message_id was used for another request (operation, scope or body); "
                 "use a new message_id for a new request"
             )
-        result, state, republished = (*rest, None, None, None)[:3]
+        result, state, published = (*rest, None, None, None)[:3]
         return Decision(
             replayed=status == 1,
             facts=orjson.loads(facts),
             result=result,
             job_state=state.decode() if state else None,
-            republished=bool(republished),
+            published=bool(published),
         )
 
     async def bind(self, binding: str, digest: str, ttl: int) -> None:
@@ -180,9 +185,34 @@ class Store:
                 "use a new message_id for a new request"
             )
 
-    async def note_republished(self, record: str, digest: str) -> None:
-        """Note on a request record that its decision was published again and confirmed."""
-        await self.run("republished", [record], [digest])
+    def mark_published(self, record: str, ttl: int) -> None:
+        """Note on a request record, soon, that the broker confirmed its decision's messages.
+
+        Marks are written in batches, one pipeline of plain commands per batch: the request's one
+        round trip stays its decision. A mark lost (Redis down, a crash before the batch) only
+        lets a later redelivery publish the decision again, which a never-acked delivery may."""
+        self._marks.append((record, ttl))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(MARK_DELAY)
+        await self.flush_marks()
+
+    async def flush_marks(self) -> None:
+        """Write the pending marks now (`ok` on each record; a record that had expired meanwhile
+        gets its TTL back, never lives on without one)."""
+        while self._marks:
+            batch, self._marks = self._marks[:MARK_BATCH], self._marks[MARK_BATCH:]
+            pipe = self.client.pipeline(transaction=False)
+            for record, ttl in batch:
+                pipe.hset(record, "ok", 1)
+                pipe.expire(record, ttl, nx=True)
+            try:
+                async with self._slots:
+                    await pipe.execute()
+            except (*_PASSING, RedisError) as exc:
+                log.info("dropped %d published-marks of request records: %s", len(batch), exc)
 
     async def ping_script(self) -> None:
         """A script call, not a PING: readiness must fail while scripts fail.
@@ -201,6 +231,7 @@ class Store:
             self._loaded = True
 
     async def close(self) -> None:
+        await self.flush_marks()
         await self.client.aclose()
 
 

@@ -24,14 +24,15 @@
 -- ARGV[17] request digest      what the idempotency key is bound to
 -- ARGV[18] bind here           1 on one Redis; 0 when bind.lua has bound the key already
 --
--- Returns {status, facts, result, job state, republished}:
+-- Returns {status, facts, result, job state, published}:
 --   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated), job, state, prev,
 --     prev_state, why (skip | reuse | stale), stale (pending job cancelled), sup (previous job
 --     superseded), rc (running job cancelled), inv (cache invalidated), at, pri (priority), pid.
 --     result is the cached JSON on a reuse hit (never recorded: the record names its job only).
 --   status 1: a replay of the recorded facts; nothing changed. result is the cached JSON of a
 --     reuse hit while the result of the recorded job is still cached; job state is the decided
---     job's state now (false once it expired); republished is 1 once a redelivery republished.
+--     job's state now (false once it expired); published is 1 once the record was marked: the
+--     broker confirmed the decision's job and events.
 --   status 2: the idempotency key is bound to another request; nothing changed.
 
 if ARGV[6] == '1' then

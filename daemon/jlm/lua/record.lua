@@ -7,8 +7,8 @@
 --            Redis Cluster it lives in another slot, so bind.lua has set it in a call of its own
 --            before the decision (bind = 0, and the key passed is a slot-mate placeholder).
 --   record   hash under the scope's hash tag, named by the idempotency key:
---            dg (the digest), f (the decision's facts, JSON), ok (1 once a redelivery published
---            the decision's job and events again and the broker confirmed them).
+--            dg (the digest), f (the decision's facts, JSON), ok (1 once the broker confirmed the
+--            decision's job and events; the daemon marks it after the fact, outside the scripts).
 -- Nothing is written for a request that is refused or finds nothing to decide.
 
 -- 'new', 'conflict', or 'replay' with the recorded facts and the ok flag.
