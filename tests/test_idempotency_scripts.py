@@ -1,9 +1,9 @@
 """Idempotency and ordering of the recording scripts, called through `Lifecycle` on the real Redis.
 
 The delivery is modelled, not run: a "delivery" is one call of the lifecycle with the request's
-digest and the broker's `redelivered` flag, and "publishing" is appending the outcome's job and
-events to lists. A killed daemon is a delivery whose outcome is thrown away (decided in Redis,
-nothing published, never acked: the broker redelivers it).
+digest and, for a redelivered message, the broker session that got it; "publishing" is appending
+the outcome's job and events to lists. A killed daemon is a delivery whose outcome is thrown away
+(decided in Redis, nothing published, never acked: the broker redelivers it).
 """
 
 from __future__ import annotations
@@ -59,10 +59,12 @@ class Harness:
         message_id: str | None = "m-1",
         *,
         actor: str | None = None,
-        redelivered: bool = False,
+        session: str = "",
         killed: bool = False,
     ) -> Outcome:
-        """One delivery of a request: decided, then (unless killed) published and noted."""
+        """One delivery of a request: decided, then (unless killed) published and marked.
+
+        `session` names the broker session of a redelivered message ("" for a first delivery)."""
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         request = parse_request(op, raw, MAX_BYTES)
         ctx = Context(
@@ -70,7 +72,7 @@ class Harness:
             message_id is not None,
             actor,
             request_digest(op, actor, raw) if message_id else "",
-            redelivered,
+            session,
         )
         out = await self.lifecycle.handle(op, request, ctx)
         if killed:
@@ -236,7 +238,7 @@ async def test_a_redelivery_republishes_the_recorded_job_once(h: Harness) -> Non
     assert retry.job is None
     assert retry.events == []
     # The redelivery publishes the decided job and events, rebuilt from the record.
-    again = await h.deliver("manage", manage(priority=7), redelivered=True)
+    again = await h.deliver("manage", manage(priority=7), session="s1")
     assert again.reply == decided.reply
     assert again.job is not None
     assert decided.job is not None
@@ -244,16 +246,31 @@ async def test_a_redelivery_republishes_the_recorded_job_once(h: Harness) -> Non
     assert [e.body() for e in again.events] == [e.body() for e in decided.events]
     # Once that is confirmed and marked, a further redelivery (e.g. the retry, redelivered after
     # its own daemon died) publishes nothing.
-    last = await h.deliver("manage", manage(priority=7), redelivered=True)
+    last = await h.deliver("manage", manage(priority=7), session="s2")
     assert last.job is None
     assert last.events == []
     assert h.published.jobs == [job]
 
 
+async def test_one_session_republishes_once_and_a_dead_one_does_not_count(h: Harness) -> None:
+    decided = await h.deliver("manage", manage(), killed=True)
+    retry = await h.deliver("manage", manage(), killed=True)  # the same daemon held a retry too
+    # A session that takes both dies before publishing: the next one publishes, once.
+    await h.deliver("manage", manage(), session="s1", killed=True)
+    await h.deliver("manage", manage(), session="s1", killed=True)
+    first = await h.deliver("manage", manage(), session="s2")
+    second = await h.deliver("manage", manage(), session="s2")
+    assert first.job == decided.job
+    assert second.job is None
+    assert second.events == []
+    assert first.reply == second.reply == retry.reply == decided.reply
+    assert h.published.jobs == [decided.reply["new_job_id"]]
+
+
 async def test_a_redelivery_does_not_republish_a_job_that_moved_on(h: Harness) -> None:
     first = await h.deliver("manage", manage(), "m-1", killed=True)
     await h.deliver("manage", manage(payload={"n": 2}), "m-2")  # supersedes the pending job
-    again = await h.deliver("manage", manage(), "m-1", redelivered=True)
+    again = await h.deliver("manage", manage(), "m-1", session="s1")
     assert again.reply == first.reply
     assert again.job is None  # cancelled: it would never run
     assert [e.provenance_id for e in again.events] == [e.provenance_id for e in first.events]
@@ -386,10 +403,12 @@ async def test_reuse_hits_add_memory_independent_of_the_result_size(
 # -- interleavings --------------------------------------------------------------------------------
 
 # (kind, message index): publish (first delivery), retry (a publisher's re-publish, same body),
-# other (same id, another body), crash (first delivery decided by a daemon killed before it
-# published), redeliver (the broker redelivers whatever a killed daemon held).
+# other (same id, another body), crash (a delivery decided by a daemon killed before it published),
+# redeliver (a new session gets every delivery killed daemons held), redeliver-crash (the same, and
+# that session's daemon is killed too before it published anything).
 STEP = st.tuples(
-    st.sampled_from(["publish", "retry", "other", "crash", "redeliver"]), st.integers(0, 5)
+    st.sampled_from(["publish", "retry", "other", "crash", "redeliver", "redeliver-crash"]),
+    st.integers(0, 5),
 )
 
 
@@ -427,10 +446,8 @@ async def _interleave(settings: Settings, steps: list[tuple[str, int]]) -> None:
     decided: dict[int, Outcome] = {}
     try:
 
-        async def deliver(i: int, *, redelivered: bool = False, killed: bool = False) -> None:
-            out = await h.deliver(
-                "manage", _body(i), f"m{i}", redelivered=redelivered, killed=killed
-            )
+        async def deliver(i: int, *, session: str = "", killed: bool = False) -> None:
+            out = await h.deliver("manage", _body(i), f"m{i}", session=session, killed=killed)
             if out.replayed:
                 assert i in decided, "a replay of nothing"
             else:
@@ -440,23 +457,26 @@ async def _interleave(settings: Settings, steps: list[tuple[str, int]]) -> None:
             if killed:
                 unacked[i] = unacked.get(i, 0) + 1
 
+        async def redeliver(*, killed: bool) -> None:
+            held = sorted(unacked.items())
+            unacked.clear()
+            session = uuid.uuid4().hex
+            for j, n in held:
+                for _ in range(n):
+                    await deliver(j, session=session, killed=killed)
+
         for kind, i in steps:
             if kind in {"publish", "retry"}:
                 await deliver(i)
             elif kind == "crash":
                 await deliver(i, killed=True)
-            elif kind == "redeliver":
-                for j, n in sorted(unacked.items()):
-                    for _ in range(n):
-                        await deliver(j, redelivered=True)
-                unacked.clear()
+            elif kind.startswith("redeliver"):
+                await redeliver(killed=kind == "redeliver-crash")
             elif i in decided:
                 with pytest.raises(IdempotencyConflict):
                     await h.deliver("manage", _body(i, other=True), f"m{i}")
         # All settle: the broker redelivers what killed daemons held.
-        for j, n in sorted(unacked.items()):
-            for _ in range(n):
-                await deliver(j, redelivered=True)
+        await redeliver(killed=False)
 
         for i, answers in replies.items():
             assert all(a == answers[0] for a in answers), f"m{i} answered differently"

@@ -36,7 +36,9 @@ class Context:
     idempotent: bool  # the request carried a message_id: its decision is recorded and replayed
     actor: str | None
     digest: str = ""  # what the idempotency key (actor, message_id) is bound to
-    redelivered: bool = False  # delivered before: the first delivery may never have been acked
+    # The broker session of a redelivered message ("" for a first delivery): a redelivery may
+    # be the decided delivery itself, never acked, whose job and events never left.
+    redelivered_in: str = ""
 
 
 @dataclass(slots=True)
@@ -148,6 +150,7 @@ class Lifecycle:
                 HISTORY_BOUND,
                 ctx.digest,
                 bind_here,
+                ctx.redelivered_in,
             ],
         )
         f = decision.facts
@@ -256,14 +259,15 @@ class Lifecycle:
 
         A redelivered message may be the delivery that was decided and then lost (a crash or a
         failed publish before the ack): while the record holds no mark of a confirmed publish,
-        its job (if still pending) and events are published again, rebuilt from the record. A
-        new delivery of a decided request (a publisher's retry) publishes nothing: the delivery
-        that was decided is acked, or still held by a daemon, or will be redelivered."""
+        its job (if still pending) and events are published again, rebuilt from the record, by
+        one delivery per broker session (the script decides which). A new delivery of a decided
+        request (a publisher's retry) publishes nothing: the delivery that was decided is acked,
+        or still held by a daemon, or will be redelivered."""
         if ctx.idempotent:
             out.record = record
         if not decision.replayed:
             return
-        if ctx.redelivered and not decision.published:
+        if decision.republish:
             if not job_live:
                 out.job = out.queue = None
             return
@@ -315,6 +319,7 @@ class Lifecycle:
                 self._file.job_ttl,
                 ctx.digest,
                 bind_here,
+                ctx.redelivered_in,
             ],
         )
         f = decision.facts
@@ -384,6 +389,7 @@ class Lifecycle:
                 iso(datetime.now(UTC)),
                 ctx.digest,
                 bind_here,
+                ctx.redelivered_in,
             ],
         )
         f = decision.facts

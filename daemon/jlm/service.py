@@ -9,6 +9,7 @@ import logging
 import signal
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -81,6 +82,8 @@ class Service:
         self._handled = 0
         self._idle.set()
         self._lanes: dict[str, asyncio.Future[None]] = {}
+        # A unique name per broker session: redelivered requests republish once per session.
+        self._session_ids: weakref.WeakKeyDictionary[Broker, str] = weakref.WeakKeyDictionary()
         self._unready_since: float | None = time.monotonic()
         self._last_warning: dict[str, float] = {}
         # Test hook: called after a decision is committed in Redis, before anything is published.
@@ -136,6 +139,7 @@ class Service:
         delay = 0.2
         while not self.stopping.is_set():
             broker = Broker(self.settings, self.metrics)
+            self._session_ids[broker] = uuid.uuid4().hex
             try:
                 await broker.open()
             except Unavailable as exc:
@@ -293,7 +297,7 @@ class Service:
             request_id=message.message_id or uuid.uuid4().hex,
             idempotent=bool(message.message_id),
             actor=message.user_id,
-            redelivered=bool(message.redelivered),
+            redelivered_in=(self._session_ids.get(broker) or uuid.uuid4().hex) if message.redelivered else "",
         )
         self._inflight += 1
         self._idle.clear()

@@ -98,14 +98,14 @@ class Decision:
     """What a script decided: its facts, and whether they were a replay of an earlier decision.
 
     `result` is the cached result a `reuse` hit answers with (read afresh on a replay, None once
-    gone). On a replay, `job_state` is the decided job's state now and `published` tells that the
-    broker confirmed the decision's job and events (noted after the fact, see `mark_published`)."""
+    gone). On a replay, `job_state` is the decided job's state now and `republish` tells this
+    delivery to publish the decision's job and events again (see lua/record.lua)."""
 
     replayed: bool
     facts: dict[str, Any]
     result: bytes | None = None
     job_state: str | None = None
-    published: bool = False
+    republish: bool = False
 
 
 class Store:
@@ -168,13 +168,13 @@ class Store:
                 "this message_id was used for another request (operation, scope or body); "
                 "use a new message_id for a new request"
             )
-        result, state, published = (*rest, None, None, None)[:3]
+        result, state, republish = (*rest, None, None, None)[:3]
         return Decision(
             replayed=status == 1,
             facts=orjson.loads(facts),
             result=result,
             job_state=state.decode() if state else None,
-            published=bool(published),
+            republish=bool(republish),
         )
 
     async def bind(self, binding: str, digest: str, ttl: int) -> None:

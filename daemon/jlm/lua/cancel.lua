@@ -15,9 +15,11 @@
 -- ARGV[9]  job TTL             seconds
 -- ARGV[10] request digest      what the idempotency key is bound to
 -- ARGV[11] bind here           1 on one Redis; 0 when bind.lua has bound the key already
+-- ARGV[12] session             broker session of a redelivered message, '' for a first delivery
 --
--- Returns {status, facts}: status 0 decided now, 1 a replay of the recorded facts (nothing
--- changed), 2 the idempotency key is bound to another request (nothing changed). facts is a JSON
+-- Returns {status, facts, false, false, republish}: status 0 decided now, 1 a replay of the
+-- recorded facts (nothing changed; republish as in manage.lua), 2 the idempotency key is bound to
+-- another request (nothing changed). facts is a JSON
 -- object: nf (no such job; nothing is written), cancelled, state (after), prev_state, job_type,
 -- cache_prefix, at, pid.
 
@@ -26,7 +28,7 @@ if ARGV[3] == '1' then
   if seen == 'conflict' then
     return {2, ''}
   elseif seen == 'replay' then
-    return {1, facts, false, false, ok}
+    return {1, facts, false, false, take_republish(KEYS[3], ok, ARGV[12])}
   end
 end
 

@@ -10,9 +10,11 @@
 -- ARGV[4]  now                 RFC 3339
 -- ARGV[5]  request digest      what the idempotency key is bound to
 -- ARGV[6]  bind here           1 on one Redis; 0 when bind.lua has bound the key already
+-- ARGV[7]  session             broker session of a redelivered message, '' for a first delivery
 --
--- Returns {status, facts}: status 0 decided now, 1 a replay of the recorded facts (nothing
--- changed), 2 the idempotency key is bound to another request (nothing changed). facts is a JSON
+-- Returns {status, facts, false, false, republish}: status 0 decided now, 1 a replay of the
+-- recorded facts (nothing changed; republish as in manage.lua), 2 the idempotency key is bound to
+-- another request (nothing changed). facts is a JSON
 -- object: inv (a result was dropped), job (the job that had produced it), at, pid.
 
 if ARGV[1] == '1' then
@@ -20,7 +22,7 @@ if ARGV[1] == '1' then
   if seen == 'conflict' then
     return {2, ''}
   elseif seen == 'replay' then
-    return {1, facts, false, false, ok}
+    return {1, facts, false, false, take_republish(KEYS[2], ok, ARGV[7])}
   end
 end
 

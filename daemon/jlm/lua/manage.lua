@@ -23,16 +23,17 @@
 -- ARGV[16] history bound       entries kept per job
 -- ARGV[17] request digest      what the idempotency key is bound to
 -- ARGV[18] bind here           1 on one Redis; 0 when bind.lua has bound the key already
+-- ARGV[19] session             broker session of a redelivered message, '' for a first delivery
 --
--- Returns {status, facts, result, job state, published}:
+-- Returns {status, facts, result, job state, republish}:
 --   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated), job, state, prev,
 --     prev_state, why (skip | reuse | stale), stale (pending job cancelled), sup (previous job
 --     superseded), rc (running job cancelled), inv (cache invalidated), at, pri (priority), pid.
 --     result is the cached JSON on a reuse hit (never recorded: the record names its job only).
 --   status 1: a replay of the recorded facts; nothing changed. result is the cached JSON of a
 --     reuse hit while the result of the recorded job is still cached; job state is the decided
---     job's state now (false once it expired); published is 1 once the record was marked: the
---     broker confirmed the decision's job and events.
+--     job's state now (false once it expired); republish is 1 when this delivery is to publish
+--     the decision's job and events again (record.lua: take_republish).
 --   status 2: the idempotency key is bound to another request; nothing changed.
 
 if ARGV[6] == '1' then
@@ -48,7 +49,8 @@ if ARGV[6] == '1' then
         result = r[2]
       end
     end
-    return {1, facts, result, redis.call('HGET', ARGV[9] .. f.job, 'state'), ok}
+    local state = redis.call('HGET', ARGV[9] .. f.job, 'state')
+    return {1, facts, result, state, take_republish(KEYS[3], ok, ARGV[19])}
   end
 end
 

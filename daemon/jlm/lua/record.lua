@@ -8,7 +8,8 @@
 --            before the decision (bind = 0, and the key passed is a slot-mate placeholder).
 --   record   hash under the scope's hash tag, named by the idempotency key:
 --            dg (the digest), f (the decision's facts, JSON), ok (1 once the broker confirmed the
---            decision's job and events; the daemon marks it after the fact, outside the scripts).
+--            decision's job and events; the daemon marks it after the fact, outside the scripts),
+--            rp (the broker session that last took on publishing the decision again).
 -- Nothing is written for a request that is refused or finds nothing to decide.
 
 -- 'new', 'conflict', or 'replay' with the recorded facts and the ok flag.
@@ -27,6 +28,18 @@ local function lookup(binding, record, digest, bind)
     return 'replay', r[2], r[3] or false
   end
   return 'new'
+end
+
+-- Whether a replay publishes the decision's job and events again: only for a redelivered
+-- message (session is then the daemon's broker session, else ''), only while no publish was
+-- confirmed, and once per session: every delivery a session holds is redelivered together if the
+-- session dies before its publish is confirmed.
+local function take_republish(record, ok, session)
+  if ok or session == '' or redis.call('HGET', record, 'rp') == session then
+    return 0
+  end
+  redis.call('HSET', record, 'rp', session)
+  return 1
 end
 
 local function save(binding, record, digest, bind, facts, ttl)
