@@ -297,7 +297,9 @@ class Service:
             request_id=message.message_id or uuid.uuid4().hex,
             idempotent=bool(message.message_id),
             actor=message.user_id,
-            redelivered_in=(self._session_ids.get(broker) or uuid.uuid4().hex) if message.redelivered else "",
+            redelivered_in=(self._session_ids.get(broker) or uuid.uuid4().hex)
+            if message.redelivered
+            else "",
         )
         self._inflight += 1
         self._idle.clear()

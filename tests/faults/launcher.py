@@ -41,7 +41,9 @@ def crash_after(n: int, report: str | None) -> Callable[[Outcome], Awaitable[Non
                         {
                             "request_id": main.request_id if main else None,
                             "job_id": outcome.reply.get("new_job_id"),
-                            "enqueued": outcome.job is not None,
+                            # The decision enqueued a job (a replay of it need not publish it).
+                            "enqueued": outcome.reply.get("deduplicated") is False,
+                            "replayed": outcome.replayed,
                             "reply": outcome.reply,
                         }
                     )
