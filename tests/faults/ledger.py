@@ -177,9 +177,9 @@ class Evidence:
         for i in ids & self.records.keys():
             facts = self.records[i]
             job = facts.get("job")
-            if facts.get("d") == "enqueued" and job not in self.published:
-                if self.jobs.get(job, {}).get("state") != "cancelled":
-                    lost.add(i)
+            cancelled = self.jobs.get(job, {}).get("state") == "cancelled"
+            if facts.get("d") == "enqueued" and job not in self.published and not cancelled:
+                lost.add(i)
         return lost
 
 
