@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 INSTANCES = 3
 REQUESTS = 3000
 SCOPES = 20
-RUNS = 5
+RUNS = 1
 DELAY_MS = 4
 
 
