@@ -179,7 +179,8 @@ def request_digest(op: str, actor: str | None, body: bytes) -> str:
 
     Equal parsed JSON gives an equal digest whatever its key order and white space; numbers keep
     their parsed type (1 and 1.0 differ). Call it only on a body that `parse_request` accepted."""
-    canonical = orjson.dumps([op, actor, orjson.loads(body)], option=orjson.OPT_SORT_KEYS)
+    value = _DECODER.decode(body.decode("utf-8"))  # the parser that accepted it
+    canonical = orjson.dumps([op, actor, value], option=orjson.OPT_SORT_KEYS)
     return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 
 

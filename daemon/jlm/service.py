@@ -297,9 +297,7 @@ class Service:
             request_id=message.message_id or uuid.uuid4().hex,
             idempotent=bool(message.message_id),
             actor=message.user_id,
-            redelivered_in=(self._session_ids.get(broker) or uuid.uuid4().hex)
-            if message.redelivered
-            else "",
+            redelivered_in=self._session_of(broker) if message.redelivered else "",
         )
         self._inflight += 1
         self._idle.clear()
@@ -388,6 +386,10 @@ class Service:
             mine.set_result(None)
             if self._lanes.get(key) is mine:
                 del self._lanes[key]
+
+    def _session_of(self, broker: Broker) -> str:
+        """The unique name of a broker session (a fresh one if unknown: that republishes)."""
+        return self._session_ids.get(broker) or uuid.uuid4().hex
 
     async def _retry(self, broker: Broker, step: Callable[[], Awaitable[T]]) -> T:
         """Run a step until it succeeds; a passing fault pauses this request, never acks it."""
