@@ -56,8 +56,8 @@ async def prepopulate(
     """One `manage` decision per scope, through the daemon's own script and key layout.
 
     Mirrors `Lifecycle.manage` (keys, ARGV) for a request with a message_id, so every scope ends
-    holding what a live scope holds: its scope hash, a pending job, the job's history and the
-    request's idempotency record.
+    holding what a live scope holds: its scope hash, a pending job, the job's history, the
+    request's idempotency record and its key's binding.
     """
     keys = Keys(namespace)
     file = FileConfig()
@@ -74,12 +74,13 @@ async def prepopulate(
                 request_id = uuid.uuid4().hex
                 pipe.evalsha(
                     sha,
-                    5,
+                    6,
                     keys.scope(tag, prefix, JOB_TYPE),
                     keys.result(tag, prefix, JOB_TYPE),
-                    keys.request(tag, request_id),
+                    keys.request(tag, None, request_id),
                     keys.job(job_id),
                     keys.history(job_id),
+                    keys.binding(None, request_id),
                     "replace",
                     job_id,
                     iso(now),
@@ -96,6 +97,9 @@ async def prepopulate(
                     new_id(),
                     keys.cancel_channel,
                     HISTORY_BOUND,
+                    request_id,  # stands for the request's digest: one request per id here
+                    1,
+                    "",
                 )
             await pipe.execute()
     finally:

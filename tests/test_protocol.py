@@ -208,7 +208,8 @@ def test_job_ids_name_their_scope_slot(prefix: str, job_type: str) -> None:
         keys.result(tag, prefix, job_type),
         keys.job(job_id),
         keys.history(job_id),
-        keys.request(tag, "m-1"),
+        keys.request(tag, None, "m-1"),
+        keys.request(tag, "alice", "m-1"),
     ):
         assert key.split("{", 1)[1].split("}", 1)[0] == tag, key
         assert hash_tag in key

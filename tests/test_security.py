@@ -686,6 +686,7 @@ def daemon_commands(key: str, channel: str) -> list[list[str]]:
         ["LTRIM", key, "0", "-1"],
         ["RPUSH", key, "v"],
         ["PUBLISH", channel, "x"],
+        ["TIME"],
     ]
 
 

@@ -63,6 +63,12 @@ class ReplyToForbidden(Forbidden):
     replies = False
 
 
+class IdempotencyConflict(Rejected):
+    """The request's (actor, message_id) is bound to another request."""
+
+    code = "idempotency_conflict"
+
+
 class NotFound(JlmError):
     """The named job does not exist (or has expired): answered, not dead-lettered."""
 

@@ -4,6 +4,11 @@ All keys of one dedup scope share one hash tag, `{<tag>}`, where the tag is a sh
 scope. Job ids start with their scope's tag, so a job id alone names the slot of its keys: one Lua
 script can touch the scope, its result, the old and new jobs and the request record atomically,
 and stays in one slot on a Redis Cluster.
+
+A request record is named by its idempotency key, (actor, message_id), not by the scope alone: two
+scopes that share a tag (40 bits can be searched for) still never share a record. The binding of
+that key to one request lives in a slot of its own, derived from the key itself, so that the same
+key sent to another scope is seen.
 """
 
 from __future__ import annotations
@@ -14,12 +19,28 @@ import uuid
 from dataclasses import dataclass
 
 TAG_LEN = 10
+# Significant bits of a scope tag. Tests lower it to force scopes onto one tag; the key layout must
+# keep them apart even then.
+TAG_BITS = 40
 JOB_ID_RE = re.compile(r"^([0-9a-f]{10})-[0-9a-f]{32}$")
 
 
 def scope_tag(cache_prefix: str, job_type: str) -> str:
     digest = hashlib.blake2b(f"{cache_prefix}\x00{job_type}".encode(), digest_size=8).hexdigest()
-    return digest[:TAG_LEN]
+    tag = int(digest[:TAG_LEN], 16) >> (40 - TAG_BITS) << (40 - TAG_BITS)
+    return f"{tag:0{TAG_LEN}x}"
+
+
+def actor_digest(actor: str | None) -> str:
+    """A fixed-size name for an actor (or for none) inside key names."""
+    name = b"\x00" if actor is None else b"u" + actor.encode()
+    return hashlib.blake2b(name, digest_size=8).hexdigest()
+
+
+def binding_tag(actor: str | None, request_id: str) -> str:
+    """The hash tag of an idempotency key's binding: a digest of (actor, message_id)."""
+    key = f"{actor_digest(actor)}\x00{request_id}".encode()
+    return "b" + hashlib.blake2b(key, digest_size=8).hexdigest()[:TAG_LEN]
 
 
 def new_job_id(tag: str) -> str:
@@ -61,13 +82,19 @@ class Keys:
     def history(self, job_id: str) -> str:
         return f"{self.job(job_id)}:h"
 
-    def request(self, tag: str, request_id: str) -> str:
-        """String: the stored facts of a decision, for idempotent replays (expires)."""
-        return f"{self.base(tag)}:req:{request_id}"
+    def request(self, tag: str, actor: str | None, request_id: str) -> str:
+        """Hash: `dg` (digest of the request), `f` (the decision's facts), `ok` (its job and
+        events were published again after a redelivery). Expires after the idempotency TTL."""
+        return f"{self.base(tag)}:req:{request_id}:{actor_digest(actor)}"
 
     def no_request(self, tag: str) -> str:
         """A slot-mate placeholder passed when a request carries no message_id (never written)."""
         return f"{self.base(tag)}:req:-"
+
+    def binding(self, actor: str | None, request_id: str) -> str:
+        """String: the digest of the one request that (actor, message_id) is bound to (expires)."""
+        tag = binding_tag(actor, request_id)
+        return f"{self.base(tag)}:bind:{request_id}:{actor_digest(actor)}"
 
     @property
     def cancel_channel(self) -> str:

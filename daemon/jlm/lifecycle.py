@@ -25,7 +25,7 @@ from jlm.protocol import (
     parse_time,
 )
 from jlm.provenance import Event, derived_id, new_id, scope_of
-from jlm.store import HISTORY_BOUND, Store, pairs_to_dict
+from jlm.store import HISTORY_BOUND, Decision, Store, pairs_to_dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,10 @@ class Context:
     idempotent: bool  # the request carried a message_id: its decision is recorded and replayed
     actor: str | None
     reply_to: str | None = None
+    digest: str = ""  # what the idempotency key (actor, message_id) is bound to
+    # The broker session of a redelivered message ("" for a first delivery): a redelivery may
+    # be the decided delivery itself, never acked, whose job and events never left.
+    redelivered_in: str = ""
 
 
 @dataclass(slots=True)
@@ -47,6 +51,9 @@ class Outcome:
     queue: str | None = None
     events: list[Event] = field(default_factory=list)
     replayed: bool = False
+    # The request record to mark once the broker confirmed the job and events (None: no record,
+    # or a replay that publishes nothing).
+    record: str | None = None
 
 
 class Lifecycle:
@@ -134,16 +141,19 @@ class Lifecycle:
         tag = scope_tag(req.cache_prefix, req.job_type)
         job_id = new_job_id(tag)
         now = datetime.now(UTC)
-        at_us = micros(parse_time(req.requested_at)) if req.requested_at else micros(now)
+        # Without requested_at the script stamps the request with the Redis server's time.
+        at_us = micros(parse_time(req.requested_at)) if req.requested_at else ""
         k = self._keys
+        record, binding, bind_here = await self._record_keys(tag, ctx)
         decision = await self._store.decide(
             "manage",
             [
                 k.scope(tag, req.cache_prefix, req.job_type),
                 k.result(tag, req.cache_prefix, req.job_type),
-                k.request(tag, ctx.request_id) if ctx.idempotent else k.no_request(tag),
+                record,
                 k.job(job_id),
                 k.history(job_id),
+                binding,
             ],
             [
                 policy,
@@ -162,6 +172,9 @@ class Lifecycle:
                 new_id(),
                 self._channel,
                 HISTORY_BOUND,
+                ctx.digest,
+                bind_here,
+                ctx.redelivered_in,
             ],
         )
         f = decision.facts
@@ -176,8 +189,9 @@ class Lifecycle:
             "deduplicated": not enqueued,
             "state": f["state"],
         }
-        if "result" in f:
-            reply["result"] = orjson.loads(f["result"])
+        if f.get("why") == "reuse":
+            # The record names the result's job; a replay reads the result again (null once gone).
+            reply["result"] = None if decision.result is None else orjson.loads(decision.result)
         out = Outcome(reply, replayed=decision.replayed)
         scope = scope_of(req.cache_prefix, req.job_type)
         request_input = req.model_dump()
@@ -213,15 +227,18 @@ class Lifecycle:
             )
         out.events.append(main)
         if enqueued:
+            # Job id, priority and enqueued_at as recorded; the body is the recorded one too: the
+            # record is bound to the digest of exactly this parsed body.
             out.job = JobMessage(
                 f["job"],
                 req.job_type,
                 req.cache_prefix,
                 req.payload,
-                req.priority,
+                int(f.get("pri", req.priority)),
                 f["at"],
             )
             out.queue = self._file.queue_for(req.job_type)
+        self._settle_replay(out, decision, record, ctx, job_live=decision.job_state == "pending")
         if not decision.replayed:
             self._count_manage(req, policy, f)
         return out
@@ -239,6 +256,53 @@ class Lifecycle:
             m.child(m.jobs_cancelled, jt, "superseded").inc()
         if f.get("inv"):
             m.child(m.cache_invalidations, jt).inc()
+
+    # -- idempotency -----------------------------------------------------------------------------
+
+    async def _record_keys(self, tag: str, ctx: Context) -> tuple[str, str, int]:
+        """The request record and binding keys of a recording script, and its `bind here` flag.
+
+        On one Redis the script binds the idempotency key itself (one round trip). On a Redis
+        Cluster the binding lives in another slot: it is bound first, in a call of its own; a
+        crash before the decision is harmless, the same request passes the binding again."""
+        k = self._keys
+        if not ctx.idempotent:
+            return k.no_request(tag), k.no_request(tag), 0
+        record = k.request(tag, ctx.actor, ctx.request_id)
+        binding = k.binding(ctx.actor, ctx.request_id)
+        if self._settings.redis_cluster:
+            await self._store.bind(binding, ctx.digest, self._file.idempotency_ttl)
+            return record, k.no_request(tag), 0
+        return record, binding, 1
+
+    def _settle_replay(
+        self, out: Outcome, decision: Decision, record: str, ctx: Context, *, job_live: bool
+    ) -> None:
+        """What a decision publishes; a replay publishes nothing unless its delivery may be the
+        decided one, never acked.
+
+        A redelivered message may be the delivery that was decided and then lost (a crash or a
+        failed publish before the ack): while the record holds no mark of a confirmed publish,
+        its job (if still pending) and events are published again, rebuilt from the record, by
+        one delivery per broker session (the script decides which). A new delivery of a decided
+        request (a publisher's retry) publishes nothing: the delivery that was decided is acked,
+        or still held by a daemon, or will be redelivered."""
+        if ctx.idempotent:
+            out.record = record
+        if not decision.replayed:
+            return
+        if decision.republish:
+            if not job_live:
+                out.job = out.queue = None
+            return
+        out.job = out.queue = None
+        out.events = []
+        out.record = None
+
+    def published(self, out: Outcome) -> None:
+        """The broker confirmed the outcome's job and events: mark its request record."""
+        if out.record is not None:
+            self._store.mark_published(out.record, self._file.idempotency_ttl)
 
     # -- by job id -------------------------------------------------------------------------------
 
@@ -263,13 +327,10 @@ class Lifecycle:
         if tag is None:
             raise NotFound(f"no job {req.job_id[:80]!r}")
         k = self._keys
+        record, binding, bind_here = await self._record_keys(tag, ctx)
         decision = await self._store.decide(
             "cancel",
-            [
-                k.job(req.job_id),
-                k.history(req.job_id),
-                k.request(tag, ctx.request_id) if ctx.idempotent else k.no_request(tag),
-            ],
+            [k.job(req.job_id), k.history(req.job_id), record, binding],
             [
                 int(req.running),
                 iso(datetime.now(UTC)),
@@ -280,6 +341,9 @@ class Lifecycle:
                 req.job_id,
                 HISTORY_BOUND,
                 self._file.job_ttl,
+                ctx.digest,
+                bind_here,
+                ctx.redelivered_in,
             ],
         )
         f = decision.facts
@@ -307,6 +371,7 @@ class Lifecycle:
                 {**reply, "previous_state": f.get("prev_state")},
             )
         )
+        self._settle_replay(out, decision, record, ctx, job_live=False)
         if f["cancelled"] and not decision.replayed:
             jt = self._m.job_type_label(f.get("job_type") or "")
             self._m.jobs_cancelled.labels(job_type=jt, reason="requested").inc()
@@ -337,13 +402,19 @@ class Lifecycle:
     async def invalidate(self, req: ScopeRequest, ctx: Context) -> Outcome:
         tag = scope_tag(req.cache_prefix, req.job_type)
         k = self._keys
+        record, binding, bind_here = await self._record_keys(tag, ctx)
         decision = await self._store.decide(
             "invalidate",
+            [k.result(tag, req.cache_prefix, req.job_type), record, binding],
             [
-                k.result(tag, req.cache_prefix, req.job_type),
-                k.request(tag, ctx.request_id) if ctx.idempotent else k.no_request(tag),
+                int(ctx.idempotent),
+                self._file.idempotency_ttl,
+                new_id(),
+                iso(datetime.now(UTC)),
+                ctx.digest,
+                bind_here,
+                ctx.redelivered_in,
             ],
-            [int(ctx.idempotent), self._file.idempotency_ttl, new_id(), iso(datetime.now(UTC))],
         )
         f = decision.facts
         reply = {"success": True, "cache_invalidated": bool(f["inv"]), "provenance_id": f["pid"]}
@@ -362,6 +433,7 @@ class Lifecycle:
                 reply,
             )
         )
+        self._settle_replay(out, decision, record, ctx, job_live=False)
         if f["inv"] and not decision.replayed:
             self._m.cache_invalidations.labels(job_type=self._m.job_type_label(req.job_type)).inc()
         return out

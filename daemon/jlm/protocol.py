@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -171,6 +172,16 @@ def parse_request(op: str, body: bytes, max_bytes: int) -> Request:
     if isinstance(request, ManageRequest) and request.requested_at is not None:
         parse_time(request.requested_at)
     return request  # type: ignore[return-value]
+
+
+def request_digest(op: str, actor: str | None, body: bytes) -> str:
+    """The digest an idempotency key is bound to: operation, actor and the parsed body.
+
+    Equal parsed JSON gives an equal digest whatever its key order and white space; numbers keep
+    their parsed type (1 and 1.0 differ). Call it only on a body that `parse_request` accepted."""
+    value = _DECODER.decode(body.decode("utf-8"))  # the parser that accepted it
+    canonical = orjson.dumps([op, actor, value], option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
 
 
 def iso(ts: datetime) -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import signal
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,7 +25,14 @@ from jlm.http_server import HttpServer
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
 from jlm.metrics import HealthState, Metrics
-from jlm.protocol import MAX_ID_LEN, CancelRequest, Request, StatusRequest, parse_request
+from jlm.protocol import (
+    MAX_ID_LEN,
+    CancelRequest,
+    Request,
+    StatusRequest,
+    parse_request,
+    request_digest,
+)
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
 
@@ -74,6 +83,8 @@ class Service:
         self._handled = 0
         self._idle.set()
         self._lanes: dict[str, asyncio.Future[None]] = {}
+        # A unique name per broker session: redelivered requests republish once per session.
+        self._session_ids: weakref.WeakKeyDictionary[Broker, str] = weakref.WeakKeyDictionary()
         self._unready_since: float | None = time.monotonic()
         self._last_warning: dict[str, float] = {}
         # Test hook: called after a decision is committed in Redis, before anything is published.
@@ -129,6 +140,7 @@ class Service:
         delay = 0.2
         while not self.stopping.is_set():
             broker = Broker(self.settings, self.metrics)
+            self._session_ids[broker] = uuid.uuid4().hex
             try:
                 await broker.open()
             except Unavailable as exc:
@@ -287,6 +299,7 @@ class Service:
             idempotent=bool(message.message_id),
             actor=message.user_id,
             reply_to=message.reply_to,
+            redelivered_in=self._session_of(broker) if message.redelivered else "",
         )
         self._inflight += 1
         self._idle.clear()
@@ -298,6 +311,9 @@ class Service:
                     raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
                 request = parse_request(op, message.body, self.settings.file.max_request_bytes)
                 self.lifecycle.validate(op, request, ctx)
+                if ctx.idempotent:
+                    digest = request_digest(op, ctx.actor, message.body)
+                    ctx = dataclasses.replace(ctx, digest=digest)
             except JlmError as exc:
                 outcome_label = exc.outcome
                 await self._reject(broker, message, op, exc, ctx)
@@ -327,6 +343,7 @@ class Service:
                     confirmed,
                 ),
             )
+            self.lifecycle.published(outcome)
             await self._answer(broker, message, outcome.reply)
         except SessionLost:
             outcome_label = "error"
@@ -371,6 +388,10 @@ class Service:
             mine.set_result(None)
             if self._lanes.get(key) is mine:
                 del self._lanes[key]
+
+    def _session_of(self, broker: Broker) -> str:
+        """The unique name of a broker session (a fresh one if unknown: that republishes)."""
+        return self._session_ids.get(broker) or uuid.uuid4().hex
 
     async def _retry(self, broker: Broker, step: Callable[[], Awaitable[T]]) -> T:
         """Run a step until it succeeds; a passing fault pauses this request, never acks it."""

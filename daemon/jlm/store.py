@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections.abc import Sequence
@@ -25,11 +26,14 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from jlm.errors import Unavailable
+from jlm.errors import IdempotencyConflict, Unavailable
 from jlm.keys import Keys
 from jlm.metrics import Metrics
 
 HISTORY_BOUND = 50
+MARK_DELAY = 0.02  # seconds a published-mark waits for others to share its pipeline
+MARK_BATCH = 500
+log = logging.getLogger(__name__)
 # Connections per Redis node. redis-py fails a call beyond its pool's limit (MaxConnectionsError)
 # rather than waiting; `Store` holds its calls to this many at once.
 MAX_CONNECTIONS = 64
@@ -43,8 +47,15 @@ _PASSING_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", 
 _PASSING_REPLY_CLASSES = (NoScriptError, ReadOnlyError, TryAgainError, ClusterDownError)
 
 
+# Scripts that record a decision start with the prelude `record.lua`.
+RECORDING = ("manage", "cancel", "invalidate")
+
+
 def load_lua(name: str) -> str:
-    return resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    text = resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    if name in RECORDING:
+        return load_lua("record") + text
+    return text
 
 
 def connect(
@@ -84,10 +95,17 @@ def connect(
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What a script decided: its facts, and whether they were a replay of an earlier decision."""
+    """What a script decided: its facts, and whether they were a replay of an earlier decision.
+
+    `result` is the cached result a `reuse` hit answers with (read afresh on a replay, None once
+    gone). On a replay, `job_state` is the decided job's state now and `republish` tells this
+    delivery to publish the decision's job and events again (see lua/record.lua)."""
 
     replayed: bool
     facts: dict[str, Any]
+    result: bytes | None = None
+    job_state: str | None = None
+    republish: bool = False
 
 
 class Store:
@@ -108,7 +126,16 @@ class Store:
         self._scripts: dict[str, AsyncScript] = {}
         self._timers: dict[str, Any] = {}
         self._loaded = False
-        for name in ("manage", "cancel", "status", "invalidate", "result"):
+        self._marks: list[tuple[str, int]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        for name in (
+            "manage",
+            "cancel",
+            "status",
+            "invalidate",
+            "result",
+            "bind",
+        ):
             self.register(name)
 
     def register(self, name: str) -> None:
@@ -134,8 +161,58 @@ class Store:
         return result
 
     async def decide(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Decision:
-        replayed, facts = await self.run(name, keys, args)
-        return Decision(bool(replayed), orjson.loads(facts))
+        """Run a recording script; IdempotencyConflict when its key is bound to another request."""
+        status, facts, *rest = await self.run(name, keys, args)
+        if status == 2:
+            raise IdempotencyConflict(
+                "this message_id was used for another request (operation, scope or body); "
+                "use a new message_id for a new request"
+            )
+        result, state, republish = (*rest, None, None, None)[:3]
+        return Decision(
+            replayed=status == 1,
+            facts=orjson.loads(facts),
+            result=result,
+            job_state=state.decode() if state else None,
+            republish=bool(republish),
+        )
+
+    async def bind(self, binding: str, digest: str, ttl: int) -> None:
+        """Bind an idempotency key in its own slot (Redis Cluster): IdempotencyConflict if taken."""
+        if not await self.run("bind", [binding], [digest, ttl]):
+            raise IdempotencyConflict(
+                "this message_id was used for another request (operation, scope or body); "
+                "use a new message_id for a new request"
+            )
+
+    def mark_published(self, record: str, ttl: int) -> None:
+        """Note on a request record, soon, that the broker confirmed its decision's messages.
+
+        Marks are written in batches, one pipeline of plain commands per batch: the request's one
+        round trip stays its decision. A mark lost (Redis down, a crash before the batch) only
+        lets a later redelivery publish the decision again, which a never-acked delivery may."""
+        self._marks.append((record, ttl))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(MARK_DELAY)
+        await self.flush_marks()
+
+    async def flush_marks(self) -> None:
+        """Write the pending marks now (`ok` on each record; a record that had expired meanwhile
+        gets its TTL back, never lives on without one)."""
+        while self._marks:
+            batch, self._marks = self._marks[:MARK_BATCH], self._marks[MARK_BATCH:]
+            pipe = self.client.pipeline(transaction=False)
+            for record, ttl in batch:
+                pipe.hset(record, "ok", 1)
+                pipe.expire(record, ttl, nx=True)
+            try:
+                async with self._slots:
+                    await pipe.execute()
+            except (*_PASSING, RedisError) as exc:
+                log.info("dropped %d published-marks of request records: %s", len(batch), exc)
 
     async def ping_script(self) -> None:
         """A script call, not a PING: readiness must fail while scripts fail.
@@ -154,6 +231,7 @@ class Store:
             self._loaded = True
 
     async def close(self) -> None:
+        await self.flush_marks()
         await self.client.aclose()
 
 

@@ -6,6 +6,9 @@ fault suite runs, installs a hook that kills the process on the n-th decision:
 
     JLM_TEST_FAULT=crash_after_decision:<n>   os._exit(137) on the n-th decision
     JLM_TEST_FAULT_REPORT=<path>              first write the decision's request id and job id there
+    JLM_TEST_FAULT=delay_decision:<ms>:<seed> before each Redis decision, wait a random 0..ms
+                                              (a fixed seed): requests of one scope delivered to
+                                              several daemons reach Redis out of delivery order
 
 Everything else is read from the environment exactly as `jlm run` reads it.
 """
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import orjson
 
@@ -23,6 +28,7 @@ from jlm import logs
 from jlm.config import load_settings
 from jlm.lifecycle import Outcome
 from jlm.service import Service
+from jlm.store import Decision, Store
 
 
 def crash_after(n: int, report: str | None) -> Callable[[Outcome], Awaitable[None]]:
@@ -41,7 +47,9 @@ def crash_after(n: int, report: str | None) -> Callable[[Outcome], Awaitable[Non
                         {
                             "request_id": main.request_id if main else None,
                             "job_id": outcome.reply.get("new_job_id"),
-                            "enqueued": outcome.job is not None,
+                            # The decision enqueued a job (a replay of it need not publish it).
+                            "enqueued": outcome.reply.get("deduplicated") is False,
+                            "replayed": outcome.replayed,
                             "reply": outcome.reply,
                         }
                     )
@@ -49,6 +57,18 @@ def crash_after(n: int, report: str | None) -> Callable[[Outcome], Awaitable[Non
         os._exit(137)  # no cleanup, no ack, no publish: as if the power went out here
 
     return hook
+
+
+def delay_decisions(store: Store, max_ms: float, seed: int) -> None:
+    """Wrap the store's decisions: each waits a random time first (after the request was read)."""
+    rnd = random.Random(seed)
+    decide = store.decide
+
+    async def delayed(name: str, keys: Sequence[str], args: Sequence[Any]) -> Decision:
+        await asyncio.sleep(rnd.random() * max_ms / 1000)
+        return await decide(name, keys, args)
+
+    store.decide = delayed  # type: ignore[method-assign]
 
 
 async def main() -> None:
@@ -59,6 +79,9 @@ async def main() -> None:
     kind, _, arg = fault.partition(":")
     if kind == "crash_after_decision":
         service.after_decision = crash_after(int(arg), os.environ.get("JLM_TEST_FAULT_REPORT"))
+    elif kind == "delay_decision":
+        max_ms, _, seed = arg.partition(":")
+        delay_decisions(service.store, float(max_ms), int(seed or "0"))
     elif fault:
         sys.exit(f"JLM_TEST_FAULT: unknown fault {fault!r}")
     await service.run()

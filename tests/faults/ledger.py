@@ -1,11 +1,13 @@
 """The Jepsen-style ledger of a scenario: what was sent, acked, answered, decided and published.
 
 Every figure is read back from the servers themselves after the daemons stopped:
-- decisions: the request records in Redis (`<ns>:{tag}:req:<message_id>`), one per decided id;
+- decisions: the request records in Redis (`<ns>:{tag}:req:<message_id>:<actor>`), one per
+  decided id;
 - duplicated decisions: a message_id that produced more than one job hash (each job hash names its
   request id), or more than one decision event (distinct `provenance_id` per request id);
 - jobs published: distinct job ids (AMQP message_id) in the job queues;
-- lost: a request with no decision, or no reply, or whose enqueued job is in no job queue.
+- lost: a request with no decision, or no reply, or whose enqueued job is in no job queue while it
+  can still run.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ async def request_records(client: Any, namespace: str) -> dict[str, dict[str, An
     for chunk in _chunks(keys, 500):
         pipe = client.pipeline(transaction=False)
         for k in chunk:
-            pipe.get(k)
+            pipe.hget(k, "f")
         values = await pipe.execute()
         for key, value in zip(chunk, values, strict=True):
             if value is not None:
-                out[key.decode().split(":req:", 1)[1]] = orjson.loads(value)
+                # <ns>:{tag}:req:<message_id>:<actor digest>
+                message_id = key.decode().split(":req:", 1)[1].rsplit(":", 1)[0]
+                out[message_id] = orjson.loads(value)
     return out
 
 
@@ -166,11 +170,15 @@ class Evidence:
         return (by_job | by_event) & ids
 
     def lost(self, ids: set[str], replied: set[str]) -> set[str]:
-        """Requests with no decision, no reply, or an enqueued job that reached no job queue."""
+        """Requests with no decision, no reply, or an enqueued job that reached no job queue
+        although it can still run (a job cancelled before any publish of it need not be sent:
+        a redelivered decision publishes its job again only while it is pending)."""
         lost = {i for i in ids if i not in self.records or i not in replied}
         for i in ids & self.records.keys():
             facts = self.records[i]
-            if facts.get("d") == "enqueued" and facts["job"] not in self.published:
+            job = facts.get("job")
+            cancelled = self.jobs.get(job, {}).get("state") == "cancelled"
+            if facts.get("d") == "enqueued" and job not in self.published and not cancelled:
                 lost.add(i)
         return lost
 

@@ -21,6 +21,7 @@ from tests.faults.ledger import (
     drain,
     queue_count,
     request_records,
+    stream_events,
     unequal_replies,
 )
 from tests.faults.load import Publisher, manage_request
@@ -74,8 +75,13 @@ async def test_crash_between_decision_and_publish(
     evidence.job_messages += published_early
     for facts in crashed:
         assert facts["enqueued"]
-        # The redelivered request published the very job that had been decided, once.
-        assert evidence.job_messages.count(facts["job_id"]) == 1
+        # The redelivered request published the very job that had been decided, once; unless
+        # a newer request of its scope superseded it before any delivery of it was published
+        # (a job that can never start is not published again).
+        published = evidence.job_messages.count(facts["job_id"])
+        state = evidence.jobs[facts["job_id"]]["state"]
+        assert published == 1 if state == "pending" else published <= 1, (facts, state)
+        assert state in {"pending", "cancelled"}
         assert replies[facts["request_id"]] == [facts["reply"]]
     acc = account("2 crash after decision", ids, replies, evidence, left, crashes=len(crashed))
     acc.report()
@@ -83,3 +89,50 @@ async def test_crash_between_decision_and_publish(
     assert acc.duplicated_decisions == 0
     assert acc.decisions == acc.sent == acc.replied == acc.acked
     assert not unequal_replies(replies)
+
+
+@pytest.mark.parametrize("retry", ["after-restart", "held-by-the-killed-daemon"])
+async def test_crash_then_a_publishers_retry_still_one_job_message(  # noqa: PLR0917
+    spawn: DaemonFactory,
+    amqp_url: str,
+    shared_redis: aioredis.Redis,
+    namespace: str,
+    tmp_path: Path,
+    retry: str,
+) -> None:
+    """SIGKILL between the decision and the publish; the publisher also re-publishes the request
+    (same message_id and body) either once the daemon is gone or while it still holds the first."""
+    body = orjson.dumps(manage_request("once", JOB_TYPE, "solo").body)
+    report = tmp_path / "crash.json"
+    async with Publisher(amqp_url, "crash-retry") as pub:
+        await pub.publish_raw("manage", body, correlation_id="first", message_id="once")
+        if retry == "held-by-the-killed-daemon":
+            await pub.publish_raw("manage", body, correlation_id="retry", message_id="once")
+        crashing = spawn(
+            "crashing",
+            amqp_url,
+            module="tests.faults.launcher",
+            JLM_TEST_FAULT="crash_after_decision:1",
+            JLM_TEST_FAULT_REPORT=str(report),
+        ).start()
+        assert await crashing.wait_exit(60) == 137, crashing.tail()
+        facts = orjson.loads(report.read_bytes())
+        assert facts["enqueued"]
+        assert (await request_records(shared_redis, namespace))["once"]["job"] == facts["job_id"]
+        if retry == "after-restart":
+            await pub.publish_raw("manage", body, correlation_id="retry", message_id="once")
+        survivor = spawn("survivor", amqp_url).start()
+        await survivor.wait_ready()
+        assert not await pub.wait_replies({"first", "retry"}, 60)
+        replies = dict(pub.replies)
+        assert await survivor.terminate() == 0
+    jobs = [m.message_id for m in await drain(amqp_url, f"jlm.jobs.{JOB_TYPE}")]
+    events = [e for e in await stream_events(amqp_url) if e["request_id"] == "once"]
+    print(
+        f"crash + retry {retry}: replies {sum(len(r) for r in replies.values())}, "
+        f"job messages {len(jobs)}, decision events {len(events)}"
+    )
+    assert replies["first"] == replies["retry"] == [facts["reply"]]
+    assert jobs == [facts["job_id"]]
+    assert [e["type"] for e in events] == ["job.enqueued"]
+    assert await queue_count(amqp_url, "jlm.requests") == 0

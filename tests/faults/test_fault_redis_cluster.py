@@ -75,10 +75,12 @@ async def test_every_operation_over_many_slots(
             sent += 1
     replies = await asyncio.wait_for(asyncio.gather(*futures), 120)
     assert all(r["success"] for r in replies), [r for r in replies if not r["success"]][:3]
-    again = await client.call(
-        "manage", {"job_type": "cluster", "cache_prefix": "c0", "payload": {}}, message_id="m2-c0"
-    )
+    same = {"job_type": "cluster", "cache_prefix": "c0", "payload": {"r": 2}, "policy": "replace"}
+    again = await client.call("manage", same, message_id="m2-c0")
     assert again == replies[2 * len(scopes)]  # a replay, not a new decision
+    # The key bound in its own slot sees the same message_id on another scope.
+    other = await client.call("manage", {**same, "cache_prefix": "c1"}, message_id="m2-c0")
+    assert other["error"]["code"] == "idempotency_conflict", other
     jobs = [r["new_job_id"] for r in replies]
     for job_id in jobs[:30]:
         status = await client.call("status", {"job_id": job_id})

@@ -106,6 +106,13 @@ class Masters:
             i += 1
         return [found[m] for m in range(len(self._ports))]
 
+    def message_id_on(self, master: int, stem: str) -> str:
+        """A message_id (sent with no user_id) whose idempotency binding lives on `master`."""
+        i = 0
+        while self.of_key(self._keys.binding(None, f"{stem}{i}")) != master:
+            i += 1
+        return f"{stem}{i}"
+
 
 @pytest.fixture
 async def masters(
@@ -297,10 +304,12 @@ async def test_the_cancel_channel_moves_to_another_node_when_its_node_dies(
             assert "cancel channel: subscribed on redis://127.0.0.1:" in worker.tail(200)
             await worker.ready(5)
 
-            prefix = masters.one_scope_each("f")[1]  # on a surviving master
+            # A scope, and idempotency keys (bound in slots of their own), on a surviving master.
+            prefix = masters.one_scope_each("f")[1]
             reply = await jlm.call(
                 "manage",
                 {"job_type": JOB_TYPE, "cache_prefix": prefix, "payload": {"seconds": 30}},
+                message_id=masters.message_id_on(1, "m"),
             )
             assert reply["success"] is True, reply
             job = str(reply["new_job_id"])
@@ -310,7 +319,9 @@ async def test_the_cancel_channel_moves_to_another_node_when_its_node_dies(
 
             await until(running, 10, "the job to run")
             t1 = time.monotonic()
-            reply = await jlm.call("cancel", {"job_id": job, "running": True})
+            reply = await jlm.call(
+                "cancel", {"job_id": job, "running": True}, message_id=masters.message_id_on(1, "c")
+            )
             assert reply["cancelled"] is True, reply
 
             async def stopped() -> bool:

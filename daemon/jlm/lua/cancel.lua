@@ -1,8 +1,9 @@
--- cancel.lua: cancel one job by id, atomically.
+-- cancel.lua: cancel one job by id, atomically (after the prelude record.lua).
 --
 -- KEYS[1]  job hash
 -- KEYS[2]  job history list
--- KEYS[3]  request record      string: this decision's facts, replayed for a repeated message_id
+-- KEYS[3]  request record      hash (record.lua), or a placeholder when the request has no message_id
+-- KEYS[4]  binding             string (record.lua); a placeholder unless ARGV[11] is 1
 -- ARGV[1]  running             1: also cancel a running job (its worker is told on ARGV[6])
 -- ARGV[2]  now                 RFC 3339
 -- ARGV[3]  record the request  0 | 1
@@ -12,14 +13,22 @@
 -- ARGV[7]  job id
 -- ARGV[8]  history bound
 -- ARGV[9]  job TTL             seconds
+-- ARGV[10] request digest      what the idempotency key is bound to
+-- ARGV[11] bind here           1 on one Redis; 0 when bind.lua has bound the key already
+-- ARGV[12] session             broker session of a redelivered message, '' for a first delivery
 --
--- Returns {replayed, facts}: facts is a JSON object: nf (no such job; nothing is written),
--- cancelled, state (after), prev_state, job_type, cache_prefix, at, pid.
+-- Returns {status, facts, false, false, republish}: status 0 decided now, 1 a replay of the
+-- recorded facts (nothing changed; republish as in manage.lua), 2 the idempotency key is bound to
+-- another request (nothing changed). facts is a JSON
+-- object: nf (no such job; nothing is written), cancelled, state (after), prev_state, job_type,
+-- cache_prefix, at, pid.
 
 if ARGV[3] == '1' then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then
-    return {1, seen}
+  local seen, facts, ok = lookup(KEYS[4], KEYS[3], ARGV[10], ARGV[11])
+  if seen == 'conflict' then
+    return {2, ''}
+  elseif seen == 'replay' then
+    return {1, facts, false, false, take_republish(KEYS[3], ok, ARGV[12])}
   end
 end
 
@@ -48,6 +57,6 @@ end
 
 local facts = cjson.encode(f)
 if ARGV[3] == '1' then
-  redis.call('SET', KEYS[3], facts, 'EX', ARGV[4])
+  save(KEYS[4], KEYS[3], ARGV[10], ARGV[11], facts, ARGV[4])
 end
 return {0, facts}

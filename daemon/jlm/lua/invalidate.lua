@@ -1,19 +1,28 @@
--- invalidate.lua: drop a scope's cached result, atomically with the request record.
+-- invalidate.lua: drop a scope's cached result, atomically with the request record (after the
+-- prelude record.lua).
 --
 -- KEYS[1]  result hash
--- KEYS[2]  request record      string: this decision's facts, replayed for a repeated message_id
+-- KEYS[2]  request record      hash (record.lua), or a placeholder when the request has no message_id
+-- KEYS[3]  binding             string (record.lua); a placeholder unless ARGV[6] is 1
 -- ARGV[1]  record the request  0 | 1
 -- ARGV[2]  idempotency TTL     seconds
 -- ARGV[3]  provenance id of this decision's event
 -- ARGV[4]  now                 RFC 3339
+-- ARGV[5]  request digest      what the idempotency key is bound to
+-- ARGV[6]  bind here           1 on one Redis; 0 when bind.lua has bound the key already
+-- ARGV[7]  session             broker session of a redelivered message, '' for a first delivery
 --
--- Returns {replayed, facts}: facts is a JSON object: inv (a result was dropped), job (the job that
--- had produced it), at, pid.
+-- Returns {status, facts, false, false, republish}: status 0 decided now, 1 a replay of the
+-- recorded facts (nothing changed; republish as in manage.lua), 2 the idempotency key is bound to
+-- another request (nothing changed). facts is a JSON
+-- object: inv (a result was dropped), job (the job that had produced it), at, pid.
 
 if ARGV[1] == '1' then
-  local seen = redis.call('GET', KEYS[2])
-  if seen then
-    return {1, seen}
+  local seen, facts, ok = lookup(KEYS[3], KEYS[2], ARGV[5], ARGV[6])
+  if seen == 'conflict' then
+    return {2, ''}
+  elseif seen == 'replay' then
+    return {1, facts, false, false, take_republish(KEYS[2], ok, ARGV[7])}
   end
 end
 
@@ -25,6 +34,6 @@ if job then
 end
 local facts = cjson.encode(f)
 if ARGV[1] == '1' then
-  redis.call('SET', KEYS[2], facts, 'EX', ARGV[2])
+  save(KEYS[3], KEYS[2], ARGV[5], ARGV[6], facts, ARGV[2])
 end
 return {0, facts}

@@ -1,34 +1,56 @@
--- manage.lua: one `manage` decision for one dedup scope, atomically.
+-- manage.lua: one `manage` decision for one dedup scope, atomically (after the prelude record.lua).
 --
 -- KEYS[1]  scope hash          fields: job (current job id), at (its requested_at, µs)
 -- KEYS[2]  result hash         fields: job, value (JSON), at
--- KEYS[3]  request record      string: this decision's facts, replayed for a repeated message_id
+-- KEYS[3]  request record      hash (record.lua), or a placeholder when the request has no message_id
 -- KEYS[4]  new job hash
 -- KEYS[5]  new job history     list of JSON entries
+-- KEYS[6]  binding             string (record.lua); a placeholder unless ARGV[18] is 1
 -- ARGV[1]  policy              replace | skip | reuse
 -- ARGV[2]  new job id
 -- ARGV[3]  now                 RFC 3339
--- ARGV[4]  requested_at        µs since the epoch (now when the request has none)
+-- ARGV[4]  requested_at        µs since the epoch, or '' when the request has none: then the
+--                              request is stamped here with the server's TIME and is never stale
 -- ARGV[5]  cancel_running      0 | 1
 -- ARGV[6]  record the request  0 | 1 (1 when the request has a message_id)
 -- ARGV[7]  idempotency TTL     seconds
 -- ARGV[8]  job TTL             seconds
 -- ARGV[9]  job key prefix      `<prefix><id>` is a job hash and `<prefix><id>:h` its history;
---                              same hash tag as KEYS, so those keys share the slot
+--                              same hash tag as KEYS[1..5], so those keys share the slot
 -- ARGV[10] job_type   ARGV[11] cache_prefix   ARGV[12] priority   ARGV[13] request id
 -- ARGV[14] provenance id of this decision's event
 -- ARGV[15] cancel channel      workers running a job cancelled here are told on it
 -- ARGV[16] history bound       entries kept per job
+-- ARGV[17] request digest      what the idempotency key is bound to
+-- ARGV[18] bind here           1 on one Redis; 0 when bind.lua has bound the key already
+-- ARGV[19] session             broker session of a redelivered message, '' for a first delivery
 --
--- Returns {replayed, facts}: replayed is 1 when KEYS[3] already held the facts (nothing changed);
--- facts is a JSON object: d (enqueued | deduplicated), job, state, prev, prev_state, why
--- (skip | reuse | stale), stale (pending job cancelled), sup (previous job superseded),
--- rc (running job cancelled), inv (cache invalidated), result (cached JSON on a reuse hit), at, pid.
+-- Returns {status, facts, result, job state, republish}:
+--   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated), job, state, prev,
+--     prev_state, why (skip | reuse | stale), stale (pending job cancelled), sup (previous job
+--     superseded), rc (running job cancelled), inv (cache invalidated), at, pri (priority), pid.
+--     result is the cached JSON on a reuse hit (never recorded: the record names its job only).
+--   status 1: a replay of the recorded facts; nothing changed. result is the cached JSON of a
+--     reuse hit while the result of the recorded job is still cached; job state is the decided
+--     job's state now (false once it expired); republish is 1 when this delivery is to publish
+--     the decision's job and events again (record.lua: take_republish).
+--   status 2: the idempotency key is bound to another request; nothing changed.
 
 if ARGV[6] == '1' then
-  local seen = redis.call('GET', KEYS[3])
-  if seen then
-    return {1, seen}
+  local seen, facts, ok = lookup(KEYS[6], KEYS[3], ARGV[17], ARGV[18])
+  if seen == 'conflict' then
+    return {2, ''}
+  elseif seen == 'replay' then
+    local f = cjson.decode(facts)
+    local result = false
+    if f.why == 'reuse' then
+      local r = redis.call('HMGET', KEYS[2], 'job', 'value')
+      if r[1] == f.job then
+        result = r[2]
+      end
+    end
+    local state = redis.call('HGET', ARGV[9] .. f.job, 'state')
+    return {1, facts, result, state, take_republish(KEYS[3], ok, ARGV[19])}
   end
 end
 
@@ -52,7 +74,16 @@ if cur_id then
   end
 end
 
-local f = {at = now, pid = ARGV[14]}
+-- µs since the epoch, as a string (a Lua number would print 16 digits in exponent form).
+local at = ARGV[4]
+local stamped = at == ''
+if stamped then
+  local t = redis.call('TIME')
+  at = t[1] .. string.format('%06d', tonumber(t[2]))
+end
+
+local f = {at = now, pid = ARGV[14], pri = tonumber(ARGV[12])}
+local result = false
 local live = cur_state == 'pending' or cur_state == 'running'
 if cur_id then
   f.prev = cur_id
@@ -62,9 +93,9 @@ end
 local function finish()
   local facts = cjson.encode(f)
   if ARGV[6] == '1' then
-    redis.call('SET', KEYS[3], facts, 'EX', ARGV[7])
+    save(KEYS[6], KEYS[3], ARGV[17], ARGV[18], facts, ARGV[7])
   end
-  return {0, facts}
+  return {0, facts, result}
 end
 
 local function dedup(job_id, state, why)
@@ -72,15 +103,16 @@ local function dedup(job_id, state, why)
   return finish()
 end
 
--- A request older than the scope's current job never supersedes it.
-if cur_id and tonumber(ARGV[4]) < tonumber(cur[2] or '0') then
+-- A request older than the scope's current job never supersedes it. A request stamped here is
+-- ordered by this decision: it is never older.
+if cur_id and not stamped and tonumber(at) < tonumber(cur[2] or '0') then
   return dedup(cur_id, cur_state, 'stale')
 end
 
 if policy == 'reuse' then
   local r = redis.call('HMGET', KEYS[2], 'job', 'value')
   if r[1] then
-    f.result = r[2]
+    result = r[2]
     return dedup(r[1], redis.call('HGET', prefix .. r[1], 'state') or 'succeeded', 'reuse')
   end
 end
@@ -122,10 +154,10 @@ f.inv = inv
 
 redis.call('HSET', KEYS[4], 'state', 'pending', 'job_type', ARGV[10], 'cache_prefix', ARGV[11],
   'priority', ARGV[12], 'created_at', now, 'updated_at', now, 'attempt', 0,
-  'request_id', ARGV[13], 'requested_at', ARGV[4])
+  'request_id', ARGV[13], 'requested_at', at)
 redis.call('EXPIRE', KEYS[4], job_ttl)
 note(KEYS[4], 'pending', 'enqueued')
-redis.call('HSET', KEYS[1], 'job', new_id, 'at', ARGV[4])
+redis.call('HSET', KEYS[1], 'job', new_id, 'at', at)
 redis.call('EXPIRE', KEYS[1], job_ttl)
 
 f.d, f.job, f.state = 'enqueued', new_id, 'pending'
