@@ -68,11 +68,11 @@ class Harness:
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         request = parse_request(op, raw, MAX_BYTES)
         ctx = Context(
-            message_id or uuid.uuid4().hex,
-            message_id is not None,
-            actor,
-            request_digest(op, actor, raw) if message_id else "",
-            session,
+            request_id=message_id or uuid.uuid4().hex,
+            idempotent=message_id is not None,
+            actor=actor,
+            digest=request_digest(op, actor, raw) if message_id else "",
+            redelivered_in=session,
         )
         out = await self.lifecycle.handle(op, request, ctx)
         if killed:

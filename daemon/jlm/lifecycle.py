@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ class Context:
     request_id: str
     idempotent: bool  # the request carried a message_id: its decision is recorded and replayed
     actor: str | None
+    _: KW_ONLY
     reply_to: str | None = None
     digest: str = ""  # what the idempotency key (actor, message_id) is bound to
     # The broker session of a redelivered message ("" for a first delivery): a redelivery may
