@@ -213,23 +213,22 @@ def test_with_a_daemon_failures_are_never_success(settings: Settings, tmp_path: 
             later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
             assert _events_of(jlm(settings, "events", "--json", "--since", later)) == []
             # --follow prints only what arrives after it started.
-            follow = subprocess.Popen(
+            with subprocess.Popen(
                 [sys.executable, "-m", "jlm", "events", "--follow", "--json"],
                 env=env_for(settings),
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-            )
-            try:
-                assert follow.stderr is not None and follow.stdout is not None
-                assert "following jlm.provenance" in follow.stderr.readline()
-                third = jlm(settings, "submit", "demo", "--json")
-                third_id = json.loads(third.stdout)["new_job_id"]
-                seen = [json.loads(follow.stdout.readline()) for _ in range(2)]
-            finally:
-                follow.terminate()
-                follow.wait(10)
+            ) as follow:
+                try:
+                    assert follow.stderr is not None and follow.stdout is not None
+                    assert "following jlm.provenance" in follow.stderr.readline()
+                    third = jlm(settings, "submit", "demo", "--json")
+                    third_id = json.loads(third.stdout)["new_job_id"]
+                    seen = [json.loads(follow.stdout.readline()) for _ in range(2)]
+                finally:
+                    follow.terminate()
             assert {e["type"] for e in seen} == {"job.superseded", "job.enqueued"}
             assert {e["job_id"] for e in seen} == {second_id, third_id}
             # A job that is queued can be cancelled; the hint for a running one is tested below.
@@ -253,7 +252,10 @@ def test_cancel_of_a_running_job_says_add_running() -> None:
 def test_until_done_and_the_worker_log_one_line_per_job(
     settings: Settings, tmp_path: Path
 ) -> None:
-    with (tmp_path / "daemon.log").open("w") as log:
+    with (
+        (tmp_path / "daemon.log").open("w") as log,
+        (tmp_path / "worker.log").open("w") as worker_log,
+    ):
         daemon = DaemonProcess(settings, log)
         worker = subprocess.Popen(
             [sys.executable, "-m", "jlm", "worker", "tests.worker_handlers:count"]
@@ -261,7 +263,7 @@ def test_until_done_and_the_worker_log_one_line_per_job(
             env=env_for(settings, JLM_LOG_FORMAT="json"),
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / "worker.log").open("w"),
+            stderr=worker_log,
         )
         try:
             daemon.wait_ready()
