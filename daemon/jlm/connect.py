@@ -107,9 +107,16 @@ async def describe(url: str, exc: BaseException) -> Failure:
         )
     if isinstance(exc, ssl.SSLError) or "[SSL" in text:
         reason = _args_text(exc)
+        if "CERTIFICATE" in reason.upper():
+            # A certificate is renewed and deployed outside these settings: retried.
+            return Failure(
+                f"TLS handshake with {where} failed ({reason}): is JLM_TLS_CA_FILE the CA that "
+                "signed the server's certificate, and is that certificate valid?",
+                refused=False,
+            )
         return Failure(
-            f"TLS handshake with {where} failed ({reason}): is the port a TLS port, and "
-            "JLM_TLS_CA_FILE the CA that signed the server's certificate?",
+            f"TLS handshake with {where} failed ({reason}): is the port a TLS port (amqps:// "
+            "needs one, 5671 by default)?",
             refused=True,
         )
     errno = _errno(exc)
