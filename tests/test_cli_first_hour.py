@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
+import re
 import shutil
 import subprocess
 import sys
@@ -121,11 +124,13 @@ def test_usage_and_configuration_errors(
 ) -> None:
     text = jlm(settings, *args, **env)
     assert text.returncode == code
-    assert words in text.stderr and "Traceback" not in text.stderr
+    assert words in text.stderr
+    assert "Traceback" not in text.stderr
     as_json = jlm(settings, *args, "--json", **env)
     assert as_json.returncode == code
     error = json.loads(as_json.stdout)
-    assert error["success"] is False and words in error["error"]["message"]
+    assert error["success"] is False
+    assert words in error["error"]["message"]
 
 
 def test_a_misspelt_variable_is_named_with_the_closest_setting(settings: Settings) -> None:
@@ -133,7 +138,9 @@ def test_a_misspelt_variable_is_named_with_the_closest_setting(settings: Setting
     assert out.returncode == 0
     assert "JLM_PREFTCH is not a setting: ignored (did you mean JLM_PREFETCH?)" in out.stderr
     shown = json.loads(jlm(settings, "check-config", "--json", JLM_PREFTCH="5").stdout)
-    assert shown["warnings"] == ["JLM_PREFTCH is not a setting: ignored (did you mean JLM_PREFETCH?)"]
+    assert shown["warnings"] == [
+        "JLM_PREFTCH is not a setting: ignored (did you mean JLM_PREFETCH?)"
+    ]
 
 
 async def _queued(settings: Settings) -> int:
@@ -153,7 +160,8 @@ async def test_no_daemon_answers_at_once_and_publishes_nothing(settings: Setting
     out = await asyncio.to_thread(jlm, settings, "submit", "demo", "--timeout", "30")
     assert out.returncode == 69
     line = one_clean_line(out)
-    assert "no daemon consumes jlm.requests" in line and "--queue-anyway" in line
+    assert "no daemon consumes jlm.requests" in line
+    assert "--queue-anyway" in line
     assert "nothing was sent" in line
     status = await asyncio.to_thread(jlm, settings, "status", "x", "--json")
     assert status.returncode == 69
@@ -222,7 +230,8 @@ def test_with_a_daemon_failures_are_never_success(settings: Settings, tmp_path: 
                 text=True,
             ) as follow:
                 try:
-                    assert follow.stderr is not None and follow.stdout is not None
+                    assert follow.stderr is not None
+                    assert follow.stdout is not None
                     assert "following jlm.provenance" in follow.stderr.readline()
                     third = jlm(settings, "submit", "demo", "--json")
                     third_id = json.loads(third.stdout)["new_job_id"]
@@ -233,7 +242,8 @@ def test_with_a_daemon_failures_are_never_success(settings: Settings, tmp_path: 
             assert {e["job_id"] for e in seen} == {second_id, third_id}
             # A job that is queued can be cancelled; the hint for a running one is tested below.
             cancel = jlm(settings, "cancel", third_id)
-            assert cancel.returncode == 0 and "cancelled (" in cancel.stdout
+            assert cancel.returncode == 0
+            assert "cancelled (" in cancel.stdout
             assert daemon.terminate() == 0
         finally:
             daemon.kill()
@@ -249,17 +259,22 @@ def test_cancel_of_a_running_job_says_add_running() -> None:
     assert "the running job was stopped" in _describe("submit", reply)
 
 
-def test_until_done_and_the_worker_log_one_line_per_job(
-    settings: Settings, tmp_path: Path
-) -> None:
+def test_until_done_and_the_worker_log_one_line_per_job(settings: Settings, tmp_path: Path) -> None:
     with (
         (tmp_path / "daemon.log").open("w") as log,
         (tmp_path / "worker.log").open("w") as worker_log,
     ):
         daemon = DaemonProcess(settings, log)
         worker = subprocess.Popen(
-            [sys.executable, "-m", "jlm", "worker", "tests.worker_handlers:count"]
-            + ["--job-type", "demo"],
+            [
+                sys.executable,
+                "-m",
+                "jlm",
+                "worker",
+                "tests.worker_handlers:count",
+                "--job-type",
+                "demo",
+            ],
             env=env_for(settings, JLM_LOG_FORMAT="json"),
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -267,11 +282,19 @@ def test_until_done_and_the_worker_log_one_line_per_job(
         )
         try:
             daemon.wait_ready()
-            done = jlm(settings, "submit", "demo", "--payload", '{"n": 1}', "--until-done", "--json")
+            done = jlm(
+                settings, "submit", "demo", "--payload", '{"n": 1}', "--until-done", "--json"
+            )
             assert done.returncode == 0, done.stderr
             reply = json.loads(done.stdout)
             assert reply["state"] == "succeeded"
             assert reply["result"] == {"job": reply["new_job_id"], "echo": {"n": 1}}
+            # On a terminal, each state change is shown while it waits.
+            shown = on_a_terminal(
+                settings, "submit", "demo", "--payload", '{"n": 2}', "--until-done"
+            )
+            assert re.search(r"jlm: job \S+: pending", shown), shown
+            assert re.search(r"jlm: job \S+: succeeded \(\d+\.\ds\)", shown), shown
         finally:
             worker.terminate()
             worker.wait(30)
@@ -285,6 +308,38 @@ def test_until_done_and_the_worker_log_one_line_per_job(
         "info",
         "info",
     ]
+
+
+def on_a_terminal(settings: Settings, *args: str) -> str:
+    """Run `jlm ARGS` with stderr on a pseudo-terminal; return what it wrote there."""
+    main, secondary = pty.openpty()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "jlm", *args],
+            env=env_for(settings),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 0
+        os.close(secondary)
+        secondary = -1
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(main)
+        if secondary >= 0:
+            os.close(secondary)
 
 
 @pytest.mark.parametrize("command", ["run", "worker"])
@@ -339,8 +394,7 @@ def test_completion_script_loads_in_zsh() -> None:
         [
             "zsh",
             "-c",
-            f"source <({sys.executable} -m jlm completion zsh) && "
-            "print -r -- ${_comps[jlm]}",
+            f"source <({sys.executable} -m jlm completion zsh) && print -r -- ${{_comps[jlm]}}",
         ],
         capture_output=True,
         text=True,

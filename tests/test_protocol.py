@@ -68,7 +68,12 @@ def test_every_operation_has_a_model() -> None:
         ("manage", manage(priority=5.0), InvalidRequest, "priority"),
         ("manage", manage(priority=True), InvalidRequest, "priority"),
         ("manage", manage(policy="newest"), InvalidRequest, "policy"),
-        ("manage", manage(cancel_running=1), InvalidRequest, "cancel_running: must be true or false"),
+        (
+            "manage",
+            manage(cancel_running=1),
+            InvalidRequest,
+            "cancel_running: must be true or false",
+        ),
         ("manage", manage(payload=[1]), InvalidRequest, "payload: must be a JSON object"),
         ("manage", manage(job_type="a:b"), InvalidRequest, "job_type"),
         ("manage", manage(job_type="a{b}"), InvalidRequest, "job_type"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import os
 import sys
 import time
@@ -170,7 +171,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "check-config":
         return _check_config(loaded, args)
     for name in loaded.ignored:
-        print(f"jlm: warning: {unknown_variable(name)}", file=sys.stderr)
+        if daemon:  # a log record: JSON lines and journal priorities like the rest of its log
+            logging.getLogger("jlm.config").warning("%s", unknown_variable(name))
+        else:
+            print(f"jlm: warning: {unknown_variable(name)}", file=sys.stderr)
     handlers = {"run": _run, "events": _events, "worker": _worker}
     handler = handlers.get(args.command, _request)
     from jlm.errors import Refused, Unavailable
