@@ -345,7 +345,24 @@ def _request(settings: Settings, args: argparse.Namespace) -> int:
     body = _request_body(args)
     if isinstance(body, str):
         return _fail(args, "usage", body, EX_USAGE)
-    return _asyncio_run(_ask(settings, args, *body), fast=True)
+    return _asyncio_run(_amqp_errors(args, _ask(settings, args, *body)), fast=True)
+
+
+async def _amqp_errors(args: argparse.Namespace, work: Coroutine[Any, Any, int]) -> int:
+    """`work`, with what the broker refuses on a channel (a permission, a closed session) as one
+    line: 78 for a permission, 69 for the rest."""
+    from aiormq.exceptions import AMQPError, ChannelAccessRefused
+
+    from jlm.connect import why
+
+    try:
+        return await work
+    except ChannelAccessRefused as exc:
+        message = f"rabbitmq refused: {why(exc)} (the user's permissions on this virtual host)"
+        return _fail(args, "refused", message, EX_CONFIG)
+    except (AMQPError, ConnectionError) as exc:
+        message = f"rabbitmq: {type(exc).__name__}: {why(exc)}"
+        return _fail(args, "unavailable", message, EX_UNAVAILABLE)
 
 
 async def _ask(settings: Settings, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
@@ -552,7 +569,7 @@ def _events(settings: Settings, args: argparse.Namespace) -> int:
     if args.follow:
         gc.enable()
     coro = print_events(settings, follow=args.follow, as_json=args.json, since=since, only=only)
-    return _asyncio_run(coro, fast=True)
+    return _asyncio_run(_amqp_errors(args, coro), fast=True)
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
