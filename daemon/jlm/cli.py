@@ -164,9 +164,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             logs.fatal(f"jlm: configuration error: {exc}")
         return EX_CONFIG
     settings = loaded.settings
-    # Client commands print for people; their own connection chatter is noise.
+    # Client commands print for people; their own connection chatter is noise. `--verbose` shows
+    # it, and the AMQP library's records, which everyone else reports in their own words.
     daemon = args.command in ("run", "worker")
-    level = "DEBUG" if args.verbose else settings.log_level if daemon else "WARNING"
+    level = settings.log_level if daemon else "DEBUG" if args.verbose else "WARNING"
     logs.setup(level, settings.log_format, library_logs=args.verbose)
     if args.command == "check-config":
         return _check_config(loaded, args)
