@@ -239,7 +239,8 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         refused = group.subgroup(Refused)
         if refused is None:
             raise
-        logs.fatal(f"jlm: cannot start: {_first(refused).message}")
+        # Logging is set up: the daemon's last word is a record like the others (JSON, journal).
+        logging.getLogger("jlm.service").error("cannot start: %s", _first(refused).message)
         return EX_CONFIG
 
 

@@ -95,8 +95,8 @@ async def describe(url: str, exc: BaseException) -> Failure:
     text = str(exc)
     if "ACCESS_REFUSED" in text or type(exc).__name__ == "ProbableAuthenticationError":
         return Failure(
-            f"login refused at {where} for user {user!r}: check the user and password in "
-            "JLM_AMQP_URL",
+            f"login refused (ACCESS_REFUSED) at {where} for user {user!r}: check the user and "
+            "password in JLM_AMQP_URL",
             refused=True,
         )
     if isinstance(exc, InvalidFrameError) and "Connection.Close" in text:
