@@ -24,7 +24,7 @@ from tests.daemon_process import ROOT, DaemonProcess, env_for, free_port
 
 from jlm.cli import _describe, _parser
 from jlm.completion import script
-from jlm.config import Settings
+from jlm.config import Settings, unknown_variable
 from jlm.connect import REQUESTS
 from jlm.events import Filter, parse_since
 
@@ -424,3 +424,24 @@ def test_event_filters_and_since() -> None:
     assert parse_since("2026-12-02T06:00:00") == datetime(2026, 12, 2, 6, tzinfo=UTC)
     with pytest.raises(ValueError, match="duration"):
         parse_since("10 minutes")
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("JLM_PREFTCH", "JLM_PREFETCH"),
+        ("JLM_AMQP_ULR", "JLM_AMQP_URL"),
+        ("JLM_REDIS_NAMSPACE", "JLM_REDIS_NAMESPACE"),
+        ("JLM_LOGLEVEL", "JLM_LOG_LEVEL"),
+        ("JLM_AMQP_URL_FLIE", "JLM_AMQP_URL_FILE"),
+        ("JLM_NOT_A_SETTING", None),
+        ("JLM_TEST_AMQP_BASE", None),
+    ],
+)
+def test_the_closest_known_variable_is_suggested(name: str, hint: str | None) -> None:
+    warning = unknown_variable(name)
+    assert warning.startswith(f"{name} is not a setting: ignored")
+    if hint is None:
+        assert "did you mean" not in warning
+    else:
+        assert warning.endswith(f"(did you mean {hint}?)")

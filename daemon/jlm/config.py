@@ -221,7 +221,7 @@ KNOWN_VARIABLES = frozenset(
 
 def unknown_variable(name: str) -> str:
     """The warning for a `JLM_*` variable that is not a setting, with the closest known name."""
-    close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES | {"JLM_CONFIG"}), n=1)
+    close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES | {"JLM_CONFIG"}), 1, 0.8)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"{name} is not a setting: ignored{hint}"
 
