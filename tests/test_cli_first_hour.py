@@ -21,6 +21,12 @@ import aio_pika
 import pytest
 from tests.conftest import AMQP_BASE, start_daemon
 from tests.daemon_process import ROOT, DaemonProcess, env_for, free_port
+from tests.security_helpers import (
+    PUBLISHER_GRANTS,
+    add_shared_users,
+    delete_shared_users,
+    new_user,
+)
 
 from jlm.cli import _describe, _parser
 from jlm.completion import script
@@ -445,3 +451,23 @@ def test_the_closest_known_variable_is_suggested(name: str, hint: str | None) ->
         assert "did you mean" not in warning
     else:
         assert warning.endswith(f"(did you mean {hint}?)")
+
+
+async def test_a_permission_the_broker_refuses_is_one_line(settings: Settings, vhost: str) -> None:
+    """A user allowed to ask for a status but not to submit: exit 78, one line, no traceback."""
+    grants = dict(PUBLISHER_GRANTS, topic_write=r"^status$")
+    user = new_user("cli", **grants)
+    add_shared_users([user], vhost)
+    running = await start_daemon(settings)
+    try:
+        host = AMQP_BASE.split("@", 1)[1]
+        out = await asyncio.to_thread(
+            jlm, settings, "submit", "demo", JLM_AMQP_URL=user.url(host, vhost)
+        )
+    finally:
+        await running.stop()
+        delete_shared_users([user])
+    assert out.returncode == 78, out.stderr
+    line = one_clean_line(out)
+    assert "ACCESS_REFUSED" in line
+    assert user.password not in line
