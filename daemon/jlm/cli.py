@@ -360,7 +360,7 @@ async def _amqp_errors(args: argparse.Namespace, work: Coroutine[Any, Any, int])
     try:
         return await work
     except ChannelAccessRefused as exc:
-        message = f"rabbitmq refused: {why(exc)} (the user's permissions on this virtual host)"
+        message = f"rabbitmq: {why(exc)} (check the user's permissions on this virtual host)"
         return _fail(args, "refused", message, EX_CONFIG)
     except (AMQPError, ConnectionError) as exc:
         message = f"rabbitmq: {type(exc).__name__}: {why(exc)}"
