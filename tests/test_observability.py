@@ -203,3 +203,20 @@ async def test_worker_outcomes_move_their_counters_exactly(
         worker.stop()
         await asyncio.wait_for(task, 30)
         await running.stop()
+
+
+async def test_the_readiness_probe_is_not_counted_as_script_traffic(settings: Settings) -> None:
+    """The monitor's script call every second stays out of jlm_redis_script_duration_seconds:
+    only the requests' own `result` calls are counted."""
+    running = await start_daemon(settings)
+    try:
+        m = running.service.metrics
+        await asyncio.sleep(2.5)  # the monitor has probed Redis at least twice
+        name = "jlm_redis_script_duration_seconds_count"
+        assert sample(m, name, script="result") == 0
+        async with Client(settings) as client:
+            reply = await client.call("result", {"job_type": "demo", "cache_prefix": "job"})
+        assert reply["success"] is True
+        assert sample(m, name, script="result") == 1
+    finally:
+        await running.stop()

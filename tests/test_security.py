@@ -885,11 +885,20 @@ async def test_passwords_never_leak_through_errors_and_reconnects(
         JLM_RETRY_MAX_DELAY="0.5",
     )
     broker_user = secrets.broker_user
-    # Neither the broker user nor Redis exist yet: authentication and connection errors first.
+    # The broker user does not exist yet: a login refused at start is a configuration error.
+    (tmp_path / "refused").mkdir()
+    refused = DaemonProcess(env, tmp_path / "refused")
+    await asyncio.to_thread(refused.proc.wait, 60)
+    assert await refused.stop() == 78
+    assert any(
+        re.search(r"^cannot start: rabbitmq: login refused \(ACCESS_REFUSED\)", e["msg"])
+        for e in refused.logs()
+    ), refused.text()
+    assert_hidden(refused.text(), *secrets.passwords)
+    add_shared_users([broker_user], secrets.vhost)
+    # Redis does not exist yet: connection errors, waited out.
     daemon = DaemonProcess(env, tmp_path)
     try:
-        await daemon.wait_log(r"^rabbitmq is down: .*ACCESS_REFUSED")
-        add_shared_users([broker_user], secrets.vhost)
         await daemon.wait_log(r"^consuming jlm\.requests")
         await daemon.wait_log(r"^redis is down")
         async with client_as(secrets.client_settings) as client:

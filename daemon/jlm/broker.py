@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -25,20 +24,33 @@ from aiormq.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
-from jlm.amqp_transport import CoalescingConnection
-from jlm.config import Settings, redact_url
+from jlm.config import Settings
+from jlm.connect import DEAD, EVENTS, JOBS, PROVENANCE, REQUESTS, connect_first, why
 from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.protocol import JobMessage
 from jlm.provenance import Event
 
+# The names the broker's users know it by (some now live in jlm.connect), and its own.
+__all__ = [
+    "CONFIRM_TIMEOUT",
+    "DEAD",
+    "EVENTS",
+    "JOBS",
+    "JSON",
+    "PROVENANCE",
+    "REQUESTS",
+    "AmqpSession",
+    "Broker",
+    "Callback",
+    "Outgoing",
+    "connect_first",
+    "request_queue_arguments",
+    "why",
+]
+
 log = logging.getLogger(__name__)
 
-REQUESTS = "jlm.requests"
-JOBS = "jlm.jobs"
-EVENTS = "jlm.events"
-PROVENANCE = "jlm.provenance"
-DEAD = "jlm.dead"
 JSON = "application/json"
 # Longest wait for a publisher confirm; a persistent message is normally confirmed in ms.
 CONFIRM_TIMEOUT = 30.0
@@ -59,49 +71,6 @@ class Outgoing:
     @property
     def message_id(self) -> str:
         return self.properties.message_id or ""
-
-
-def tls_context(settings: Settings) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(
-        cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
-    )
-    if settings.tls_cert_file:
-        ctx.load_cert_chain(
-            str(settings.tls_cert_file),
-            str(settings.tls_key_file) if settings.tls_key_file else None,
-        )
-    if not settings.tls_verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-async def connect_first(settings: Settings, name: str) -> AbstractConnection:
-    """Connect to the first node of JLM_AMQP_URL that answers."""
-    errors = []
-    for url in settings.amqp_urls:
-        try:
-            kwargs: dict[str, Any] = {
-                "timeout": 5,
-                "client_properties": {"connection_name": name},
-            }
-            if url.startswith("amqps://"):
-                kwargs["ssl_context"] = tls_context(settings)
-            sep = "&" if "?" in url else "?"
-            full = url if "heartbeat=" in url else f"{url}{sep}heartbeat={settings.heartbeat}"
-            conn: AbstractConnection = await aio_pika.connect(
-                full, connection_class=CoalescingConnection, **kwargs
-            )
-            log.info("connected to %s", redact_url(url))
-            return conn
-        except (AMQPError, OSError, TimeoutError) as exc:
-            errors.append(f"{redact_url(url)}: {type(exc).__name__}: {why(exc)}")
-    raise Unavailable("rabbitmq: no node answered (" + "; ".join(errors) + ")", "rabbitmq")
-
-
-def why(exc: BaseException) -> str:
-    """An exception's text for a log line or an error: URLs redacted, at most 200 characters."""
-    return redact_url(str(exc))[:200]
 
 
 async def _raw(channel: AbstractChannel | None) -> aiormq.Channel:

@@ -10,9 +10,10 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aiormq.exceptions import ChannelNotFoundEntity
 
-from jlm.broker import REQUESTS, connect_first
 from jlm.config import Settings
+from jlm.connect import REQUESTS, connect_first
 
 
 class Client:
@@ -42,6 +43,20 @@ class Client:
         fut = self._waiting.pop(message.correlation_id or "", None)
         if fut is not None and not fut.done():
             fut.set_result(orjson.loads(message.body))
+
+    async def consumers(self) -> int | None:
+        """How many consumers `jlm.requests` has (a passive declare); None when it does not
+        exist, i.e. no daemon ever ran on this virtual host."""
+        assert self._conn is not None
+        channel = await self._conn.channel()
+        try:
+            queue = await channel.declare_queue(REQUESTS, passive=True)
+            return queue.declaration_result.consumer_count or 0
+        except ChannelNotFoundEntity:
+            return None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def send(
         self,
@@ -95,3 +110,9 @@ def url_user(settings: Settings) -> str | None:
     """The user name in the first broker URL: what RabbitMQ will accept as `user_id`."""
     user = urlsplit(settings.amqp_urls[0]).username
     return unquote(user) if user else None
+
+
+def url_vhost(settings: Settings) -> str:
+    """The virtual host of the first broker URL."""
+    path = urlsplit(settings.amqp_urls[0]).path
+    return unquote(path[1:]) if len(path) > 1 else "/"

@@ -16,6 +16,7 @@ default. Every failure is a `ConfigError` whose one-line message names the setti
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import re
@@ -222,6 +223,13 @@ def env_name(setting: str) -> str:
 KNOWN_VARIABLES = frozenset(
     [env_name(n) for n in ENV_SETTINGS] + [f"{env_name(n)}_FILE" for n in SECRET_CREDENTIALS]
 )
+
+
+def unknown_variable(name: str) -> str:
+    """The warning for a `JLM_*` variable that is not a setting, with the closest known name."""
+    close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES | {"JLM_CONFIG"}), 1, 0.8)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{name} is not a setting: ignored{hint}"
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,11 @@ class Unavailable(JlmError):
         self.dependency = dependency
 
 
+class Refused(Unavailable):
+    """The broker answered and said no (login, virtual host, TLS) or is not a broker: the same
+    settings will fail again. At start, the daemon and the worker exit 78 on it."""
+
+
 class Internal(JlmError):
     """A defect: answered and dead-lettered so that one bad message cannot loop forever."""
 

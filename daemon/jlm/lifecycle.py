@@ -184,6 +184,7 @@ class Lifecycle:
             "success": True,
             "new_job_id": f["job"],
             "stale_cancelled": bool(f.get("stale")),
+            "running_cancelled": bool(f.get("rc")),  # cancel_running stopped the running job
             "cache_invalidated": bool(f.get("inv")),
             "previous_job_id": f.get("prev"),
             "provenance_id": f["pid"],

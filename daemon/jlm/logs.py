@@ -84,7 +84,9 @@ def to_journal(stream: IO[str], environ: Mapping[str, str] = os.environ) -> bool
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
-def setup(level: str = "INFO", fmt: str = "auto") -> None:
+def setup(level: str = "INFO", fmt: str = "auto", *, library_logs: bool = True) -> None:
+    """Log to stderr at `level`; without `library_logs`, the AMQP clients' own records are
+    dropped (the caller reports connection failures in its own words)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     formatter: logging.Formatter = JsonFormatter() if use_json else TextFormatter()
     if to_journal(sys.stderr):
@@ -96,7 +98,8 @@ def setup(level: str = "INFO", fmt: str = "auto") -> None:
     root.setLevel(level)
     # The AMQP clients are chatty about reconnects we already report in our own words.
     for noisy in ("aiormq", "aio_pika"):
-        logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
+        quiet = max(logging.getLevelName(level), logging.WARNING)
+        logging.getLogger(noisy).setLevel(quiet if library_logs else logging.CRITICAL + 1)
 
 
 def fatal(message: str) -> None:

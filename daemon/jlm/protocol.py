@@ -149,11 +149,29 @@ def parse_time(value: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
+# Validation messages in the words of JSON, not of Python ("a valid dictionary").
+_JSON_WORDS = {
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "list_type": "must be a JSON array",
+    "string_type": "must be a JSON string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "missing": "is required",
+    "extra_forbidden": "is not a field of this request",
+}
+
+
 def _format_validation(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{loc}: {err['msg']}")
+        parts.append(f"{loc}: {_JSON_WORDS.get(err['type'], err['msg'])}")
     return "; ".join(parts)
 
 

@@ -20,7 +20,7 @@ from aiormq.exceptions import AMQPError
 from jlm import __version__
 from jlm.broker import REQUESTS, Broker
 from jlm.config import OPERATIONS, Settings, redact_url
-from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Unavailable
+from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Refused, Unavailable
 from jlm.http_server import HttpServer
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
@@ -144,6 +144,8 @@ class Service:
             try:
                 await broker.open()
             except Unavailable as exc:
+                if isinstance(exc, Refused) and not self.started.is_set():
+                    raise  # settings that never worked: exit 78 (docs/operations.md)
                 self._dependency("rabbitmq", False, exc.message)
                 # Also once the broker is known to be down: a node that accepts the connection
                 # but fails the topology (e.g. a classic queue whose cluster node is gone) would

@@ -10,7 +10,7 @@ import anyio
 
 from jlm import __version__
 from jlm.config import NAME_RE, Settings, redact_url
-from jlm.errors import Unavailable
+from jlm.errors import Refused, Unavailable
 from jlm.worker import Worker
 from jlm.worker_job import HandlerImportError, load_handler
 
@@ -20,7 +20,8 @@ EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 2, 69, 78
 
 async def main(settings: Settings, target: str, job_type: str, concurrency: int) -> int:
     """`jlm worker MODULE:FUNCTION --job-type T`: 0 on a clean stop, 2 when the target cannot be
-    imported (or the arguments are wrong), 69 when Redis or the broker is down at start."""
+    imported (or the arguments are wrong), 69 when Redis or the broker is down at start, 78
+    when the broker refuses the login or virtual host at start."""
     if not NAME_RE.match(job_type) or concurrency < 1:
         log.error("--job-type must match %s and --concurrency be >= 1", NAME_RE.pattern)
         return EX_USAGE
@@ -46,6 +47,9 @@ async def main(settings: Settings, target: str, job_type: str, concurrency: int)
     signals = asyncio.create_task(_signals(worker))
     try:
         await worker.run()
+    except Refused as exc:
+        log.error("cannot start: %s", redact_url(exc.message))
+        return EX_CONFIG
     except Unavailable as exc:
         log.error("cannot start: %s", redact_url(exc.message))
         return EX_UNAVAILABLE

@@ -85,6 +85,14 @@ class JobRunner:
 
     async def run(self) -> Settle:
         job = self._job
+        log.info(
+            "job %s started: %s/%s, attempt %d",
+            job.id,
+            job.cache_prefix,
+            job.job_type,
+            job.attempt,
+            extra={"job_id": job.id},
+        )
         task = asyncio.create_task(self._call(), name=f"jlm job {job.id}")
         heartbeat = asyncio.create_task(self._heartbeat())
         waiter = asyncio.ensure_future(self._active.interrupted.wait())
@@ -257,6 +265,9 @@ class JobRunner:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _count(self, state: str, duration: float) -> None:
+        """Count this run's outcome, and log it: with the start, one info line each per job."""
+        job_id = self._job.id
+        log.info("job %s %s after %.3fs", job_id, state, duration, extra={"job_id": job_id})
         if state in ("succeeded", "failed", "cancelled"):
             self._d.metrics.jobs_finished.labels(job_type=self._label, state=state).inc()
         self._d.metrics.job_duration.labels(job_type=self._label, state=state).observe(duration)
