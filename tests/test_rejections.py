@@ -85,12 +85,15 @@ async def test_bad_input_corpus(
     assert [k async for k in redis_client.scan_iter(match=f"{namespace}:*")] == []
     for i in range(1, 12):
         assert not await queue_exists(settings, f"jlm.jobs.bad{i}")
-    # Every one is dead-lettered with its reason and its body intact.
+    # Every one is dead-lettered with its reason and its body, intact up to
+    # dead_letter_max_bytes (1 MiB), beyond that cut and marked.
     dead = await drain_queue(settings, "jlm.dead")
     by_id = {m.message_id: m for m in dead}
+    keep = settings.file.dead_letter_max_bytes
     for name, op, body, code in CORPUS:
         msg = by_id[f"bad-{name}"]
-        assert msg.body == body, name
+        assert msg.body == body[:keep], name
+        assert msg.headers.get("x-jlm-truncated") is (True if len(body) > keep else None), name
         assert msg.headers["x-jlm-error"] == code
         assert msg.headers["x-jlm-operation"] == op
     events = [e for e in await read_stream(settings) if e["type"] == "request.rejected"]

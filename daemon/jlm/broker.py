@@ -21,13 +21,13 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from aiormq.exceptions import AMQPError, DeliveryError, PublishError
+from aiormq.exceptions import AMQPError, ChannelPreconditionFailed, DeliveryError, PublishError
 from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
 from jlm.amqp_transport import CoalescingConnection
 from jlm.config import Settings, redact_url
-from jlm.errors import Unavailable
+from jlm.errors import Unavailable, bounded
 from jlm.metrics import Metrics
 from jlm.protocol import JobMessage
 from jlm.provenance import Event
@@ -318,8 +318,7 @@ class Broker(AmqpSession):
             EVENTS, aio_pika.ExchangeType.TOPIC, durable=durable
         )
         self._dead = await ch.declare_exchange(DEAD, aio_pika.ExchangeType.FANOUT, durable=durable)
-        dead_q = await ch.declare_queue(DEAD, durable=durable)
-        await dead_q.bind(self._dead, routing_key="")
+        await self._declare_dead_queue(self._conn())
         prov = await ch.declare_queue(
             PROVENANCE,
             durable=durable,
@@ -336,6 +335,36 @@ class Broker(AmqpSession):
             arguments=request_queue_arguments(s),
         )
         await self._consume_queue.bind(requests_x, routing_key="#")
+
+    async def _declare_dead_queue(self, conn: AbstractConnection) -> None:
+        """jlm.dead, bounded in bytes (oldest dropped first), bound to the jlm.dead exchange.
+
+        A jlm.dead declared by an older version has no length arguments, and the broker refuses
+        a declaration that adds them (PRECONDITION_FAILED, which closes the channel): the
+        existing queue is then used as it is, and the warning names the policy that bounds it
+        (docs/operations.md, "Upgrading: a bounded jlm.dead").
+        """
+        assert self._dead is not None
+        limit = self._settings.file.dead_letter_max_length_bytes
+        arguments: dict[str, Any] = {"x-max-length-bytes": limit, "x-overflow": "drop-head"}
+        try:
+            async with conn.channel() as ch:
+                await ch.declare_queue(DEAD, durable=True, arguments=arguments)
+        except ChannelPreconditionFailed:
+            log.warning(
+                "%s exists without a length bound; bound it with a policy: rabbitmqctl "
+                "set_policy -p <vhost> --apply-to queues jlm-dead '^jlm\\.dead$' "
+                '\'{"max-length-bytes": %d, "overflow": "drop-head"}\'',
+                DEAD,
+                limit,
+            )
+        assert self._publish_ch is not None
+        dead_q = await self._publish_ch.declare_queue(DEAD, passive=True)
+        await dead_q.bind(self._dead, routing_key="")
+
+    def _conn(self) -> AbstractConnection:
+        assert self.connection is not None
+        return self.connection
 
     async def ensure_job_queue(self, queue: str, job_type: str) -> None:
         """Declare a job queue (priority 1..10) and its binding once per session."""
@@ -424,8 +453,14 @@ class Broker(AmqpSession):
         self._metrics.publish_confirm_duration.observe(time.perf_counter() - started)
 
     async def dead_letter(self, message: AbstractIncomingMessage, code: str, reason: str) -> None:
-        """Copy a rejected request, body intact, to jlm.dead with the reason in its headers."""
+        """Copy a rejected request to jlm.dead with the reason in its headers.
+
+        The body is kept whole up to `dead_letter_max_bytes`; a longer one is cut there and the
+        copy says so (`x-jlm-truncated: true`, `x-jlm-original-bytes`).
+        """
         assert self._dead is not None
+        keep = self._settings.file.dead_letter_max_bytes
+        body = message.body
         headers = dict(message.headers or {})
         try:
             amqp_encode.field_table(headers)
@@ -436,13 +471,17 @@ class Broker(AmqpSession):
         headers.update(
             {
                 "x-jlm-error": code,
-                "x-jlm-error-message": reason[:1000],
+                "x-jlm-error-message": bounded(reason),
                 "x-jlm-operation": (message.routing_key or "")[:255],
                 "x-jlm-rejected-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
         )
+        if len(body) > keep:
+            headers["x-jlm-truncated"] = True
+            headers["x-jlm-original-bytes"] = len(body)
+            body = body[:keep]
         msg = aio_pika.Message(
-            message.body,
+            body,
             headers=headers,
             content_type=message.content_type,
             content_encoding=message.content_encoding,

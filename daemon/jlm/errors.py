@@ -4,6 +4,21 @@ from __future__ import annotations
 
 from enum import Enum
 
+# An error `message` is at most this many bytes of UTF-8 (replies, events, dead-letter headers).
+MAX_MESSAGE_BYTES = 1024
+_CUT = " [...]"
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, never inside a character.
+
+    Characters UTF-8 cannot carry (lone surrogates echoed from a request) become `?`.
+    """
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw.decode()
+    return raw[: limit - len(_CUT)].decode("utf-8", "ignore") + _CUT
+
 
 class Disposition(Enum):
     """What happens to the request message."""
@@ -21,6 +36,7 @@ class JlmError(Exception):
     outcome = "error"
 
     def __init__(self, message: str) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 

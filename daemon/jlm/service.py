@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import functools
 import logging
 import signal
@@ -29,6 +31,7 @@ from jlm.systemd import Notifier, watchdog_loop
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SESSION_SETTLED = 10.0  # seconds: a broker session lost sooner failed (backoff, then prefetch 1)
+LARGE_BODY = 1024 * 1024  # bytes: after such a request the freed heap is given back (see _trim)
 
 
 class SessionLost(Exception):
@@ -75,6 +78,7 @@ class Service:
         self._lanes: dict[str, asyncio.Future[None]] = {}
         self._unready_since: float | None = time.monotonic()
         self._last_warning: dict[str, float] = {}
+        self._large_seen = False
         # Test hook: called after a decision is committed in Redis, before anything is published.
         self.after_decision: Callable[[Outcome], Awaitable[None]] | None = None
         for dep in ("redis", "rabbitmq"):
@@ -230,6 +234,9 @@ class Service:
                     depth = await self.broker.queue_depth(queue)
                     if depth is not None:
                         self.metrics.queue_depth.labels(queue=queue).set(depth)
+            if self._large_seen:
+                self._large_seen = False
+                _trim()
             tick += 1
             await anyio.sleep(1)
 
@@ -289,6 +296,8 @@ class Service:
         self._inflight += 1
         self._idle.clear()
         self.metrics.inflight.inc()
+        if len(message.body) >= LARGE_BODY:
+            self._large_seen = True
         outcome_label = "ok"
         try:
             try:
@@ -440,6 +449,27 @@ def _lane_key(request: Request) -> str:
     if isinstance(request, CancelRequest | StatusRequest):
         return tag_of_job(request.job_id) or "-"
     return scope_tag(request.cache_prefix, request.job_type)
+
+
+def _libc_trim() -> Callable[[], None]:
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        malloc_trim = None
+    if malloc_trim is None:
+        return lambda: None
+
+    def trim() -> None:
+        malloc_trim(0)
+
+    return trim
+
+
+# glibc keeps the heap pages of freed message bodies (a body arrives in 128 KiB frames, below
+# its mmap threshold): after large requests, give them back, or a burst of rejected 8 MiB
+# requests would leave the daemon hundreds of MB larger. A no-op without glibc.
+_trim = _libc_trim()
 
 
 def _str(path: Any) -> str | None:
