@@ -51,9 +51,9 @@ def list_queues(vhost: str, *columns: str) -> str:
 def queue_stats(vhost: str, queue: str) -> tuple[int, int]:
     out = list_queues(vhost, "name", "messages", "message_bytes")
     for line in out.splitlines():
-        name, messages, size = line.split()
-        if name == queue:
-            return int(messages), int(size)
+        fields = line.split()
+        if fields[0] == queue:
+            return int(fields[1]), int(fields[2])
     raise AssertionError(f"no queue {queue}: {out}")
 
 
