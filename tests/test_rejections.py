@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -151,3 +152,24 @@ policy = "skip"
             assert [orjson.loads(m.body)["job_id"] for m in jobs] == [first["new_job_id"]]
     finally:
         await running.stop()
+
+
+async def test_requested_at_far_ahead_is_invalid_and_a_little_ahead_is_accepted(
+    daemon: RunningDaemon,
+    client: Client,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    namespace: str,
+) -> None:
+    """A year-9999 requested_at would make every later request of its scope stale for good."""
+    future = {"job_type": "skew", "cache_prefix": "far", "payload": {}}
+    reply = await client.call("manage", future | {"requested_at": "9999-12-31T23:59:59Z"})
+    assert reply["error"]["code"] == "invalid_request"
+    assert "max_clock_skew" in reply["error"]["message"]
+    assert [k async for k in redis_client.scan_iter(match=f"{namespace}:*")] == []
+    ahead = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
+    accepted = await client.call("manage", future | {"requested_at": ahead})
+    assert accepted["success"] is True
+    assert accepted["deduplicated"] is False
+    dead = await drain_queue(settings, "jlm.dead")
+    assert [m.headers["x-jlm-error"] for m in dead] == ["invalid_request"]

@@ -19,6 +19,7 @@ from jlm.protocol import (
     Request,
     ScopeRequest,
     StatusRequest,
+    check_clock_skew,
     error_reply,
     iso,
     micros,
@@ -87,7 +88,9 @@ class Lifecycle:
             raise UnknownJobType(f"job type {job_type!r} is not configured")
 
     def validate(self, op: str, request: Request, ctx: Context) -> None:
-        """The checks that need no Redis: job type and scope grants (job-id grants come later)."""
+        """The checks that need no Redis: clock skew, job type and scope grants (job-id grants
+        come later)."""
+        check_clock_skew(request, datetime.now(UTC), self._file.max_clock_skew)
         if isinstance(request, ManageRequest | ScopeRequest):
             self.check_job_type(request.job_type)
             self.authorize(ctx, op, request.cache_prefix, request.job_type)
