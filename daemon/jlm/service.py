@@ -79,6 +79,8 @@ class Service:
         self._unready_since: float | None = time.monotonic()
         self._last_warning: dict[str, float] = {}
         self._large_seen = False
+        # Redis refused a write (or was down): readiness then also needs a write to pass.
+        self._redis_check_writes = False
         # Test hook: called after a decision is committed in Redis, before anything is published.
         self.after_decision: Callable[[Outcome], Awaitable[None]] | None = None
         for dep in ("redis", "rabbitmq"):
@@ -218,6 +220,9 @@ class Service:
             try:
                 with anyio.fail_after(2):
                     await self.store.ping_script()
+                    if self._redis_check_writes:
+                        await self.store.ping_write()
+                        self._redis_check_writes = False
                 self._dependency("redis", True)
             except (Unavailable, TimeoutError) as exc:
                 self._dependency("redis", False, str(exc))
@@ -390,6 +395,7 @@ class Service:
             except Unavailable as exc:
                 self.metrics.retries.labels(dependency=exc.dependency).inc()
                 if exc.dependency == "redis":
+                    self._redis_check_writes = True
                     self._dependency("redis", False, exc.message)
                     self._update_health()
                 self._warn_rarely(exc.dependency, "waiting for %s: %s", exc.dependency, exc.message)

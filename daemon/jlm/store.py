@@ -17,6 +17,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -37,10 +38,29 @@ RedisClient = aioredis.Redis | RedisCluster
 
 # Errors that mean "Redis is not there right now": the request waits and is retried.
 _PASSING = (RedisConnectionError, RedisTimeoutError, OSError)
-_PASSING_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY")
+# Write refusals are passing too: out of memory (OOM, `maxmemory` with `noeviction`), a failed
+# snapshot (MISCONF, `stop-writes-on-bgsave-error`), too few replicas (NOREPLICAS,
+# `min-replicas-to-write`). Nothing was written; the request waits until Redis accepts writes.
+_PASSING_REPLIES = (
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+    "MISCONF",
+    "NOREPLICAS",
+    "OOM",
+)
 # redis-py strips the code of the replies it maps to a class, so those are matched by class.
 # NOSCRIPT: the client reloads a flushed script once; a flush racing that reload lands here.
-_PASSING_REPLY_CLASSES = (NoScriptError, ReadOnlyError, TryAgainError, ClusterDownError)
+_PASSING_REPLY_CLASSES = (
+    NoScriptError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    OutOfMemoryError,
+)
 
 
 def load_lua(name: str) -> str:
@@ -122,16 +142,27 @@ class Store:
             async with self._slots:
                 started = time.perf_counter()
                 result = await self._scripts[name](keys=list(keys), args=list(args))
-        except (*_PASSING, *_PASSING_REPLY_CLASSES) as exc:
-            raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
-        except ResponseError as exc:
-            if str(exc).startswith(_PASSING_REPLIES):
-                raise Unavailable(f"redis: {exc}", "redis") from exc
-            raise
-        except RedisError as exc:
-            raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
+        except (*_PASSING, RedisError) as exc:
+            passing = _passing(exc)
+            if passing is None:
+                raise
+            raise passing from exc
         self._timers[name].observe(time.perf_counter() - started)
         return result
+
+    async def ping_write(self) -> None:
+        """A write Redis may refuse while it stays reachable (out of memory, MISCONF, ...).
+
+        Readiness uses it after a refused write: a read-only script call would pass meanwhile.
+        """
+        try:
+            async with self._slots:
+                await self.client.set(f"{self.keys.namespace}:write-probe", b"1", px=10_000)
+        except (*_PASSING, RedisError) as exc:
+            passing = _passing(exc)
+            if passing is None:
+                raise
+            raise passing from exc
 
     async def decide(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Decision:
         replayed, facts = await self.run(name, keys, args)
@@ -155,6 +186,17 @@ class Store:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _passing(exc: BaseException) -> Unavailable | None:
+    """Unavailable for a passing Redis fault; None for any other reply error (a defect)."""
+    if isinstance(exc, (*_PASSING, *_PASSING_REPLY_CLASSES)):
+        return Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis")
+    if isinstance(exc, ResponseError):
+        if str(exc).startswith(_PASSING_REPLIES):
+            return Unavailable(f"redis: {exc}", "redis")
+        return None
+    return Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis")
 
 
 def pairs_to_dict(flat: list[Any]) -> dict[str, str]:
