@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import struct
@@ -21,13 +22,20 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from aiormq.exceptions import AMQPError, ChannelPreconditionFailed, DeliveryError, PublishError
+from aiormq.exceptions import (
+    AMQPError,
+    ChannelAccessRefused,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    PublishError,
+)
 from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
 from jlm.amqp_transport import CoalescingConnection
 from jlm.config import Settings, redact_url
-from jlm.errors import Unavailable, bounded
+from jlm.errors import QueueRefused, Unavailable, bounded
 from jlm.metrics import Metrics
 from jlm.protocol import JobMessage
 from jlm.provenance import Event
@@ -385,6 +393,10 @@ class Broker(AmqpSession):
                         arguments={"x-max-priority": 10},
                     )
                     await q.bind(self._jobs, routing_key=job_type)
+            except (ChannelPreconditionFailed, ChannelAccessRefused) as exc:
+                # The broker answered, and will answer the same again: a vhost queue limit, a
+                # permission, a queue of that name with other arguments.
+                raise QueueRefused(f"rabbitmq refused to declare {queue}: {why(exc)}") from exc
             except (AMQPError, OSError) as exc:
                 raise Unavailable(f"rabbitmq: declaring {queue}: {why(exc)}", "rabbitmq") from exc
             self._declared.add(queue)
@@ -427,7 +439,12 @@ class Broker(AmqpSession):
         done = set() if done is None else done
         if job is not None:
             assert queue is not None
-            await self.ensure_job_queue(queue, job.job_type)
+            try:
+                await self.ensure_job_queue(queue, job.job_type)
+            except QueueRefused as exc:
+                # Declared before the decision; refused now (deleted since, and over a limit):
+                # the decision is recorded, so its job waits for the queue, retried.
+                raise Unavailable(exc.message, "rabbitmq") from exc
             # The same properties aio_pika.Message would build, without its per-message cost.
             props = Basic.Properties(
                 content_type=JSON,
@@ -518,24 +535,34 @@ class Broker(AmqpSession):
         except (AMQPError, OSError, RuntimeError) as exc:
             log.warning("reply to %s not sent: %s", reply_to[:100], why(exc))
 
-    async def queue_depth(self, name: str) -> int | None:
-        """Messages ready in a queue (passive declare on a throw-away channel)."""
+    async def queue_depths(self, names: list[str]) -> dict[str, int]:
+        """Messages ready in each queue that exists, by passive declares on one channel.
+
+        A missing queue closes the channel (404); only then is another one opened.
+        """
+        depths: dict[str, int] = {}
         if self.connection is None or self.closed.is_set():
-            return None
+            return depths
+        ch: AbstractChannel | None = None
         try:
-            ch = await self.connection.channel()
-            try:
-                q = await ch.declare_queue(name, passive=True)
-                return q.declaration_result.message_count
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
+            for name in names:
+                if ch is None or ch.is_closed:
+                    ch = await self.connection.channel()
+                try:
+                    q = await ch.declare_queue(name, passive=True)
+                except ChannelNotFoundEntity:
+                    continue
+                depths[name] = q.declaration_result.message_count or 0
         except (AMQPError, OSError, RuntimeError):
-            return None
+            pass
         except asyncio.CancelledError:
             if _cancelled_here():
                 raise
-            return None
+        finally:
+            if ch is not None and not ch.is_closed:
+                with contextlib.suppress(AMQPError, OSError, RuntimeError):
+                    await ch.close()
+        return depths
 
     async def probe(self, timeout: float) -> None:
         """End the session if the broker does not answer a round trip within `timeout`.

@@ -88,6 +88,15 @@ class Unavailable(JlmError):
         self.dependency = dependency
 
 
+class QueueRefused(JlmError):
+    """The broker refused to declare a job type's queue (a vhost limit, a permission): answered
+    `unavailable` and dead-lettered, for this request only; other job types go on."""
+
+    code = "unavailable"
+    disposition = Disposition.DEAD_LETTER
+    outcome = "error"
+
+
 class Internal(JlmError):
     """A defect: answered and dead-lettered so that one bad message cannot loop forever."""
 

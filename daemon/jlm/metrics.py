@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +33,15 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     """Every collector the daemon and the worker SDK export, built on one injected registry."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, max_job_types: int = 100) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        max_job_types: int = 1000,
+        configured: Iterable[str] = (),
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._max_job_types = max_job_types
+        self._configured = frozenset(configured)
         self._job_types: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
@@ -175,8 +181,9 @@ class Metrics:
         )
 
     def job_type_label(self, job_type: str) -> str:
-        """Bound the label's cardinality: the first `max_job_types` names, then `other`."""
-        if job_type in self._job_types:
+        """Bound the label's cardinality: configured job types always keep their name; of the
+        others, the first `max_job_types` seen, then `other`."""
+        if job_type in self._job_types or job_type in self._configured:
             return job_type
         if len(self._job_types) < self._max_job_types:
             self._job_types.add(job_type)

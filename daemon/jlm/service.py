@@ -20,11 +20,25 @@ from aiormq.exceptions import AMQPError
 from jlm import __version__
 from jlm.broker import REQUESTS, Broker
 from jlm.config import OPERATIONS, Settings, redact_url
-from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Unavailable
+from jlm.errors import (
+    Disposition,
+    Internal,
+    InvalidRequest,
+    JlmError,
+    Unavailable,
+    UnknownJobType,
+)
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
-from jlm.metrics import HealthState, HttpServer, Metrics
-from jlm.protocol import MAX_ID_LEN, CancelRequest, Request, StatusRequest, parse_request
+from jlm.metrics import OTHER, HealthState, HttpServer, Metrics
+from jlm.protocol import (
+    MAX_ID_LEN,
+    CancelRequest,
+    ManageRequest,
+    Request,
+    StatusRequest,
+    parse_request,
+)
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
 
@@ -48,7 +62,9 @@ class Service:
         notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics(max_job_types=settings.file.max_job_types)
+        self.metrics = metrics or Metrics(
+            max_job_types=settings.file.max_job_types, configured=settings.file.job_types
+        )
         self.notifier = notifier or Notifier.from_env()
         self.health = HealthState()
         self.store = Store(
@@ -81,6 +97,8 @@ class Service:
         self._large_seen = False
         # Redis refused a write (or was down): readiness then also needs a write to pass.
         self._redis_check_writes = False
+        self._admitted: set[str] = set()  # unconfigured job types known to have a place
+        self._other_queues = False  # some job queue's depth is reported as queue="other"
         # Test hook: called after a decision is committed in Redis, before anything is published.
         self.after_decision: Callable[[Outcome], Awaitable[None]] | None = None
         for dep in ("redis", "rabbitmq"):
@@ -235,10 +253,7 @@ class Service:
                     f"{self._inflight} in flight"
                 )
             if tick % 10 == 0 and self.broker is not None:
-                for queue in (REQUESTS, *sorted(self.broker.job_queues)):
-                    depth = await self.broker.queue_depth(queue)
-                    if depth is not None:
-                        self.metrics.queue_depth.labels(queue=queue).set(depth)
+                await self._sample_queues(self.broker)
             if self._large_seen:
                 self._large_seen = False
                 _trim()
@@ -252,6 +267,24 @@ class Service:
             await anyio.sleep(1)
             if self.broker is not None:
                 await self.broker.probe(2 * heartbeat)
+
+    async def _sample_queues(self, broker: Broker) -> None:
+        """jlm_queue_messages: the request queue and the job queues this session declared.
+
+        An unconfigured job type whose label is `other` adds its queue to the `other` series.
+        """
+        file = self.settings.file
+        own = {REQUESTS, *(file.queue_for(t) for t in file.job_types)}
+        depths = await broker.queue_depths([REQUESTS, *sorted(broker.job_queues)])
+        other = 0
+        for queue, depth in depths.items():
+            if queue in own or self.metrics.job_type_label(_job_type_of(queue)) != OTHER:
+                self.metrics.queue_depth.labels(queue=queue).set(depth)
+            else:
+                other += depth
+        if other or self._other_queues:
+            self._other_queues = True
+            self.metrics.queue_depth.labels(queue=OTHER).set(other)
 
     def _dependency(self, name: str, up: bool, why: str = "") -> None:
         self.metrics.dependency_up.labels(dependency=name).set(1 if up else 0)
@@ -310,6 +343,8 @@ class Service:
                     raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
                 request = parse_request(op, message.body, self.settings.file.max_request_bytes)
                 self.lifecycle.validate(op, request, ctx)
+                if isinstance(request, ManageRequest):
+                    await self._admit(broker, request.job_type)
             except JlmError as exc:
                 outcome_label = exc.outcome
                 await self._reject(broker, message, op, exc, ctx)
@@ -351,6 +386,25 @@ class Service:
             m = self.metrics
             m.child(m.requests, op_label, outcome_label).inc()
             m.child(m.request_duration, op_label).observe(time.perf_counter() - started)
+
+    async def _admit(self, broker: Broker, job_type: str) -> None:
+        """A job type's queue exists before its first decision.
+
+        An unconfigured job type first needs a place among the namespace's `max_job_types`
+        (UnknownJobType without one); a declaration the broker refuses is QueueRefused. Either
+        way the request is rejected before anything is written for it.
+        """
+        file = self.settings.file
+        if job_type not in file.job_types and job_type not in self._admitted:
+            limit = file.max_job_types
+            if not await self._retry(broker, lambda: self.store.admit_job_type(job_type, limit)):
+                raise UnknownJobType(
+                    f"job type {job_type!r} is not configured, and {limit} unconfigured job "
+                    "types (max_job_types) already have a queue"
+                )
+            self._admitted.add(job_type)
+        queue = file.queue_for(job_type)
+        await self._retry(broker, lambda: broker.ensure_job_queue(queue, job_type))
 
     async def _decide_in_lane(
         self,
@@ -449,6 +503,11 @@ class Service:
             # recorded decision is replayed. Never ack on another channel.
             log.info("ack lost with its channel (%s); the request will be replayed", exc)
             raise SessionLost from exc
+
+
+def _job_type_of(queue: str) -> str:
+    """The job type of an unconfigured type's queue (`jlm.jobs.<job_type>`)."""
+    return queue.removeprefix("jlm.jobs.")
 
 
 def _lane_key(request: Request) -> str:

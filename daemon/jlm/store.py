@@ -128,7 +128,7 @@ class Store:
         self._scripts: dict[str, AsyncScript] = {}
         self._timers: dict[str, Any] = {}
         self._loaded = False
-        for name in ("manage", "cancel", "status", "invalidate", "result"):
+        for name in ("manage", "cancel", "status", "invalidate", "result", "admit_job_type"):
             self.register(name)
 
     def register(self, name: str) -> None:
@@ -149,6 +149,10 @@ class Store:
             raise passing from exc
         self._timers[name].observe(time.perf_counter() - started)
         return result
+
+    async def admit_job_type(self, job_type: str, limit: int) -> bool:
+        """Whether an unconfigured job type may have a queue (at most `limit` per namespace)."""
+        return bool(await self.run("admit_job_type", [self.keys.job_types], [job_type, limit]))
 
     async def ping_write(self) -> None:
         """A write Redis may refuse while it stays reachable (out of memory, MISCONF, ...).

@@ -80,7 +80,9 @@ class Worker:
         self.job_type = job_type
         self.concurrency = concurrency
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.metrics = metrics or Metrics(max_job_types=settings.file.max_job_types)
+        self.metrics = metrics or Metrics(
+            max_job_types=settings.file.max_job_types, configured=settings.file.job_types
+        )
         self.health = HealthState()
         self._stop_grace = settings.worker_shutdown_timeout if stop_grace is None else stop_grace
         self._queue = settings.file.queue_for(job_type)
