@@ -51,6 +51,7 @@ def series(text: str, name: str, label: str) -> set[str]:
 
 async def test_2000_job_types_against_max_job_types_1000(
     spawn: DaemonFactory,
+    *,
     amqp_url: str,
     vhost: str,
     shared_redis: aioredis.Redis,
@@ -131,7 +132,8 @@ async def test_a_refused_queue_declaration_fails_only_its_job_type(
         await pub.publish_raw("manage", body % b"first", correlation_id="first", message_id="f")
         assert not await pub.wait_replies({"first"}, 30)
         # The request, dead-letter, provenance, reply and first job queues: no room for more.
-        rabbitmqctl("set_vhost_limits", "-p", vhost, '{"max-queues": %d}' % len(queues(vhost)))
+        limit = f'{{"max-queues": {len(queues(vhost))}}}'
+        rabbitmqctl("set_vhost_limits", "-p", vhost, limit)
         refused = [f"r{i}" for i in range(8)]
         for i, mid in enumerate(refused):
             await pub.publish_raw(
