@@ -116,6 +116,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.poison_messages = Counter(
+            "jlm_poison_messages",
+            "Requests whose properties the AMQP client could not decode, dead-lettered.",
+            registry=r,
+        )
         self.retries = Counter(
             "jlm_request_retries",
             "Request steps retried after a passing failure, by dependency.",

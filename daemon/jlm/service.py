@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
 from jlm import __version__
+from jlm.amqp_transport import UNDECODABLE
 from jlm.broker import REQUESTS, Broker
 from jlm.config import OPERATIONS, Settings, redact_url
 from jlm.errors import (
@@ -339,6 +340,12 @@ class Service:
         outcome_label = "ok"
         try:
             try:
+                undecodable = (message.headers or {}).get(UNDECODABLE)
+                if undecodable is not None:
+                    self.metrics.poison_messages.inc()
+                    raise InvalidRequest(
+                        "the request's AMQP properties cannot be decoded: " + str(undecodable)
+                    )
                 if len(ctx.request_id) > MAX_ID_LEN:
                     raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
                 request = parse_request(op, message.body, self.settings.file.max_request_bytes)

@@ -12,11 +12,9 @@ the daemon stays ready and has no internal error.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import subprocess
-import time
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -28,7 +26,6 @@ from tests.faults.conftest import DaemonFactory
 from tests.faults.daemons import metric
 from tests.faults.hostile import (
     JOB_TYPES,
-    TIMESTAMP_2_63,
     Case,
     cases,
     corpus,
@@ -303,71 +300,3 @@ async def test_hostile_requests_through_the_broker(
         },
     )
     acc.report()
-
-
-async def test_an_undecodable_request_is_dead_lettered_by_the_delivery_limit(
-    spawn: DaemonFactory, amqp_url: str
-) -> None:
-    """A header the AMQP library cannot even decode (a timestamp past year 9999) fails the
-    daemon's connection on every delivery, before any daemon code sees the message. A quorum
-    request queue counts those deliveries and dead-letters the message at its delivery limit.
-    The daemon backs off between such short sessions (no reconnect storm) and consumes one request
-    at a time after one, so the requests published around the poison are answered, not
-    dead-lettered with it."""
-    limit = 4
-    daemon = spawn(
-        "q",
-        amqp_url,
-        JLM_REQUESTS_QUEUE_TYPE="quorum",
-        JLM_REQUESTS_DELIVERY_LIMIT=str(limit),
-    ).start()
-    await daemon.wait_ready()
-    body = b'{"job_type": "fz.a", "cache_prefix": "fz-%d", "payload": {}}'
-    bystanders = [f"fine{i}" for i in range(20)]
-    started = time.monotonic()
-    async with Publisher(amqp_url, "undecodable", declare=False) as pub:
-        for i, mid in enumerate(bystanders[:10]):
-            await pub.publish_raw("manage", body % i, correlation_id=mid, message_id=mid)
-        with raw_fields():
-            await pub.publish_raw(
-                "manage",
-                body % 99,
-                correlation_id="poison",
-                message_id="poison",
-                headers={"x-sent-at": TIMESTAMP_2_63},
-            )
-        for i, mid in enumerate(bystanders[10:], start=10):
-            await pub.publish_raw("manage", body % i, correlation_id=mid, message_id=mid)
-        missing = await pub.wait_replies(set(bystanders), 120)
-        # Read by count only: this test's own client could not decode the message either.
-        while await queue_count(amqp_url, "jlm.dead") < 1:
-            assert time.monotonic() - started < 120, "never dead-lettered"
-            await asyncio.sleep(0.2)
-        replies = dict(pub.replies)
-    elapsed = time.monotonic() - started
-    assert not missing, f"{sorted(missing)} unanswered: {daemon.tail()}"
-    await daemon.wait_ready(30)
-    lost_sessions = sum(
-        1 for r in daemon.logs() if "connection lost; reconnecting" in str(r.get("msg", ""))
-    )
-    assert await daemon.terminate() == 0
-    dead = await queue_count(amqp_url, "jlm.dead")
-    acc = Accounting(
-        "6b undecodable request (quorum delivery limit)",
-        sent=len(bystanders) + 1,
-        acked=len(bystanders) + 1 - await queue_count(amqp_url, "jlm.requests"),
-        replied=sum(1 for b in bystanders if replies.get(b)),
-        decisions=sum(1 for b in bystanders if replies.get(b, [{}])[0].get("success")),
-        jobs_published=sum(1 for b in bystanders if replies.get(b)),
-        lost=len(missing),
-        duplicated_decisions=0,
-        extra={
-            "poison_dead_lettered_by_broker": dead,
-            "delivery_limit": limit,
-            "sessions_lost": lost_sessions,
-            "seconds": round(elapsed, 1),
-        },
-    )
-    acc.report()
-    assert dead == 1, "a bystander was dead-lettered with the poison"
-    assert limit <= lost_sessions <= limit + 2
