@@ -57,6 +57,8 @@ __all__ = ["Handler", "Job", "Worker", "run_worker_cli"]
 
 log = logging.getLogger(__name__)
 RECENT_CANCELS = 10_000
+# Seconds a job message for a job another run holds may stay unsettled (the contract says 1 s).
+SETTLE_WAIT = 0.9
 
 
 class Worker:
@@ -257,18 +259,36 @@ class Worker:
         if msg is None:
             later.append(self._emit(invalid(self._deps, self.job_type, message.message_id)))
             return "ack"
-        facts = await self._claim(broker, msg, _int((message.headers or {}).get(GEN_HEADER)))
+        facts = await self._claim(
+            broker, msg, _int((message.headers or {}).get(GEN_HEADER)), bool(message.redelivered)
+        )
         if facts is None:
             return "keep" if broker.closed.is_set() else "requeue"
         if facts.o == "claimed":
             return await self._execute(msg, facts, later)
+        if facts.o == "wait":
+            # A second copy of a job another run holds (e.g. a replay): that run owns the job.
+            # Should its worker die, its own message comes back (redelivered) and recovers it.
+            label = self.metrics.job_type_label(msg.job_type)
+            self.metrics.jobs_skipped.labels(job_type=label, reason="running").inc()
+            return "ack"
         later.append(self._emit(unclaimed(self._deps, msg, facts)))
         return "ack"
 
-    async def _claim(self, broker: WorkerBroker, msg: ReceivedJob, gen: int) -> Facts | None:
-        """Claim, or wait while another run holds a live lease. None: give the message back."""
+    async def _claim(
+        self, broker: WorkerBroker, msg: ReceivedJob, gen: int, redelivered: bool
+    ) -> Facts | None:
+        """Claim, within SETTLE_WAIT seconds. None: give the message back.
+
+        While another run holds a live lease the answer is `wait`. A first delivery is a second
+        copy of the job's message (the holder has its own): `wait` is returned, to ack. A
+        redelivered message may be the holder's own, back because its worker died: it is
+        claimed again until SETTLE_WAIT, then given back to the queue (requeued, not held), so
+        the job is recovered by whichever worker gets it once the dead worker's lease lapses.
+        """
         jt = self.settings.file.job_type(msg.job_type)
         max_attempts = jt.max_attempts if jt is not None else 1
+        deadline = time.monotonic() + SETTLE_WAIT
         while not self._stopping.is_set() and not broker.closed.is_set():
             facts = await retry_redis(
                 self._deps,
@@ -281,11 +301,14 @@ class Worker:
                     gen=gen,
                 ),
             )
-            if facts is None or facts.o != "wait":
+            if facts is None or facts.o != "wait" or not redelivered:
                 return facts
-            # Another run holds it (a redelivery after a broken channel): look again when its
-            # lease would expire. A live worker keeps renewing it; a dead one lets it lapse.
-            wait = float(facts.get("wait_ms", 1000)) / 1000 + 0.05
+            # Perhaps a dead worker's message: look again when its lease would expire (a live
+            # worker keeps renewing it), at most until SETTLE_WAIT, then requeue.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            wait = min(float(facts.get("wait_ms", 1000)) / 1000 + 0.05, left)
             await first_of(self._stopping.wait(), broker.closed.wait(), asyncio.sleep(wait))
         return None
 
