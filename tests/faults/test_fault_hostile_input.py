@@ -89,6 +89,8 @@ class Oracle:
         self.limit = settings.file.max_request_bytes
 
     def judge(self, case: Case) -> tuple[str | None, object]:
+        if case.poison:
+            return "invalid_request", None
         mid = case.message_id
         ctx = Context(
             request_id=mid or "generated",
@@ -224,6 +226,13 @@ async def test_hostile_requests_through_the_broker(
         if code is None:
             accepted[corr] = request
     assert not wrong, list(wrong.items())[:5]
+    # What a rejection answers is bounded, whatever it echoes (a huge key, a long operation).
+    messages = [r[0]["error"]["message"] for r in replies.values() if not r[0]["success"]]
+    longest_message = max(len(m.encode()) for m in messages)
+    assert longest_message <= 1024
+    poison = sum(1 for case in all_cases if case.poison)
+    assert metric(text, "jlm_poison_messages_total") == poison
+    assert "connection lost" not in logs  # the poison ended no session
 
     dead = {m.correlation_id: m for m in await drain(amqp_url, "jlm.dead")}
     undead = []
@@ -282,7 +291,7 @@ async def test_hostile_requests_through_the_broker(
         published |= {m.message_id for m in await drain(amqp_url, f"jlm.jobs.{t}")}
     rejected = sum(1 for code, _ in expected.values() if code is not None)
     acc = Accounting(
-        "6 hostile input via broker",
+        "6 hostile input via broker (corpus + generated)",
         sent=len(all_cases),
         acked=len(all_cases) - left,
         replied=sum(1 for c in by_corr if replies.get(c)),
@@ -296,6 +305,10 @@ async def test_hostile_requests_through_the_broker(
             "accepted": len(accepted),
             "rejected": rejected,  # dead-lettered, plus not_found answers (acked, kept)
             "dead_lettered": len(dead),
+            "poison": poison,
+            "redis_keys_of_rejected": len(strays),
+            "max_error_message_bytes": longest_message,
+            "ready_after": True,
             "fast_path_cases": 3000,
         },
     )
