@@ -350,8 +350,6 @@ class Service:
                     raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
                 request = parse_request(op, message.body, self.settings.file.max_request_bytes)
                 self.lifecycle.validate(op, request, ctx)
-                if isinstance(request, ManageRequest):
-                    await self._admit(broker, request.job_type)
             except JlmError as exc:
                 outcome_label = exc.outcome
                 await self._reject(broker, message, op, exc, ctx)
@@ -399,7 +397,8 @@ class Service:
 
         An unconfigured job type first needs a place among the namespace's `max_job_types`
         (UnknownJobType without one); a declaration the broker refuses is QueueRefused. Either
-        way the request is rejected before anything is written for it.
+        way the request is rejected before anything is written for it. Called in the request's
+        lane, so that the requests of a scope are still decided in delivery order.
         """
         file = self.settings.file
         if job_type not in file.job_types and job_type not in self._admitted:
@@ -429,6 +428,8 @@ class Service:
             if previous is not None:
                 await asyncio.shield(previous)
             try:
+                if isinstance(request, ManageRequest):
+                    await self._admit(broker, request.job_type)
                 outcome = await self._retry(broker, lambda: self.lifecycle.handle(op, request, ctx))
             except SessionLost:
                 raise
