@@ -335,8 +335,6 @@ class Service:
         self._inflight += 1
         self._idle.clear()
         self.metrics.inflight.inc()
-        if len(message.body) >= LARGE_BODY:
-            self._large_seen = True
         outcome_label = "ok"
         try:
             try:
@@ -383,6 +381,8 @@ class Service:
         except SessionLost:
             outcome_label = "error"
         finally:
+            if len(message.body) >= LARGE_BODY:
+                self._large_seen = True  # trimmed at the next tick, once this body is freed
             self._inflight -= 1
             self._handled += 1
             self.metrics.inflight.dec()
