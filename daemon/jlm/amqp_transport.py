@@ -157,7 +157,9 @@ class FrameGuardReader:
                 return frame
             except Exception as exc:  # any failure here would end the connection
                 reason = f"{type(exc).__name__}: {exc}"[:200]
-        log.warning("delivery on channel %d has undecodable properties: %s", channel, reason)
+        # Not a warning: whoever may publish could flood the log; the daemon reports the
+        # rejection (rate-limited) and counts it.
+        log.debug("delivery on channel %d has undecodable properties: %s", channel, reason)
         return _readable_header(channel, frame[7:-1], reason)
 
 
