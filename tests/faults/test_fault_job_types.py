@@ -1,8 +1,11 @@
 """Job types a publisher invents: bounded queues and metric series, and refused declarations.
 
-- 2,000 distinct unconfigured job types against max_job_types = 1000: at most 1000 get a queue
-  (the rest are unknown_job_type), at most 1000 labelled series per metric plus `other`, every
-  request answered, and a configured type keeps its label throughout.
+- N distinct unconfigured job types against max_job_types = N/2: at most N/2 get a queue (the rest
+  are unknown_job_type), at most N/2 labelled series per metric plus `other`, every request
+  answered, and a configured type keeps its label throughout. N is `JLM_FAULTS_JOB_TYPES`
+  (default 200). The contract's figure is N = 2,000 (1000 queues): run it only against a broker
+  of its own — 1000 priority queues holding persistent messages took the file descriptors of a
+  shared development broker once (`emfile`), which then could declare no queue at all.
 - A vhost whose queue limit is reached: the requests of a job type whose queue the broker refuses
   are answered `unavailable` and dead-lettered; the other job types go on.
 """
@@ -10,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import time
@@ -25,8 +29,8 @@ from tests.faults.load import Publisher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
-TYPES = 2000
-MAX = 1000
+TYPES = int(os.environ.get("JLM_FAULTS_JOB_TYPES", "200"))
+MAX = TYPES // 2
 CONFIG = f"""
 max_job_types = {MAX}
 [job_types."cfg.a"]
@@ -49,7 +53,7 @@ def series(text: str, name: str, label: str) -> set[str]:
     return set(pattern.findall(text))
 
 
-async def test_2000_job_types_against_max_job_types_1000(
+async def test_job_types_beyond_max_job_types_are_refused(
     spawn: DaemonFactory,
     *,
     amqp_url: str,
@@ -93,7 +97,7 @@ async def test_2000_job_types_against_max_job_types_1000(
     dead = await drain(amqp_url, "jlm.dead")
     assert await daemon.terminate() == 0
     Accounting(
-        "2000 job types, max_job_types 1000",
+        f"{TYPES} job types, max_job_types {MAX}",
         sent=len(sent),
         replied=len(replies),
         decisions=codes["ok"],
