@@ -32,7 +32,8 @@ from tests.conftest import rabbit_eval
 # the client's health checks, and the commands the Lua scripts call (they run under the same ACL).
 DAEMON_REDIS_COMMANDS = (
     "+evalsha +eval +script|load +ping "
-    "+get +set +del +expire +hget +hset +hmget +hgetall +lrange +ltrim +rpush +publish"
+    "+get +set +del +expire +hget +hset +hmget +hgetall +lrange +ltrim +rpush +publish "
+    "+sismember +scard +sadd"
 )
 
 
