@@ -33,7 +33,8 @@ from tests.conftest import rabbit_eval
 # the client's health checks, and the commands the Lua scripts call (they run under the same ACL).
 DAEMON_REDIS_COMMANDS = (
     "+evalsha +eval +script|load +ping "
-    "+get +set +del +expire +hget +hset +hmget +hgetall +lrange +ltrim +rpush +publish +time"
+    "+get +set +del +expire +hget +hset +hmget +hgetall +lrange +ltrim +rpush +publish +time "
+    "+sismember +scard +sadd"
 )
 
 

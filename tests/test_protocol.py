@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -17,6 +18,7 @@ from jlm.protocol import (
     CancelRequest,
     ManageRequest,
     ScopeRequest,
+    check_clock_skew,
     depth_of,
     parse_request,
 )
@@ -133,6 +135,32 @@ def test_depth_limit() -> None:
 def test_requested_at_forms() -> None:
     for value in ("2026-11-28T12:00:00.123456Z", "2026-11-28T13:00:00+01:00"):
         assert parse_request("manage", manage(requested_at=value), LIMIT)
+
+
+NOW = datetime(2026, 12, 2, 6, 0, tzinfo=UTC)
+
+
+@given(st.integers(min_value=-(10**9), max_value=10**9), st.sampled_from([0, 60, 300]))
+def test_requested_at_is_refused_beyond_the_clock_skew(offset: int, skew: int) -> None:
+    at = (NOW + timedelta(seconds=offset)).isoformat()
+    request = parse_request("manage", manage(requested_at=at), LIMIT)
+    if offset > skew:
+        with pytest.raises(InvalidRequest, match="max_clock_skew"):
+            check_clock_skew(request, NOW, skew)
+    else:
+        check_clock_skew(request, NOW, skew)
+
+
+@pytest.mark.parametrize(
+    "value", ["9999-12-31T23:59:59Z", "9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+01:00"]
+)
+def test_requested_at_at_the_ends_of_the_calendar_is_invalid(value: str) -> None:
+    def parse_and_check() -> None:
+        request = parse_request("manage", manage(requested_at=value), LIMIT)
+        check_clock_skew(request, NOW, 300)
+
+    with pytest.raises(InvalidRequest, match="requested_at"):
+        parse_and_check()
 
 
 json_values = st.recursive(

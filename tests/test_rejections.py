@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -85,12 +86,15 @@ async def test_bad_input_corpus(
     assert [k async for k in redis_client.scan_iter(match=f"{namespace}:*")] == []
     for i in range(1, 12):
         assert not await queue_exists(settings, f"jlm.jobs.bad{i}")
-    # Every one is dead-lettered with its reason and its body intact.
+    # Every one is dead-lettered with its reason and its body, intact up to
+    # dead_letter_max_bytes (1 MiB), beyond that cut and marked.
     dead = await drain_queue(settings, "jlm.dead")
     by_id = {m.message_id: m for m in dead}
+    keep = settings.file.dead_letter_max_bytes
     for name, op, body, code in CORPUS:
         msg = by_id[f"bad-{name}"]
-        assert msg.body == body, name
+        assert msg.body == body[:keep], name
+        assert msg.headers.get("x-jlm-truncated") is (True if len(body) > keep else None), name
         assert msg.headers["x-jlm-error"] == code
         assert msg.headers["x-jlm-operation"] == op
     events = [e for e in await read_stream(settings) if e["type"] == "request.rejected"]
@@ -148,3 +152,24 @@ policy = "skip"
             assert [orjson.loads(m.body)["job_id"] for m in jobs] == [first["new_job_id"]]
     finally:
         await running.stop()
+
+
+async def test_requested_at_far_ahead_is_invalid_and_a_little_ahead_is_accepted(
+    daemon: RunningDaemon,
+    client: Client,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    namespace: str,
+) -> None:
+    """A year-9999 requested_at would make every later request of its scope stale for good."""
+    future = {"job_type": "skew", "cache_prefix": "far", "payload": {}}
+    reply = await client.call("manage", future | {"requested_at": "9999-12-31T23:59:59Z"})
+    assert reply["error"]["code"] == "invalid_request"
+    assert "max_clock_skew" in reply["error"]["message"]
+    assert [k async for k in redis_client.scan_iter(match=f"{namespace}:*")] == []
+    ahead = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
+    accepted = await client.call("manage", future | {"requested_at": ahead})
+    assert accepted["success"] is True
+    assert accepted["deduplicated"] is False
+    dead = await drain_queue(settings, "jlm.dead")
+    assert [m.headers["x-jlm-error"] for m in dead] == ["invalid_request"]

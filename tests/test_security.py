@@ -156,6 +156,8 @@ async def snapshot(redis: aioredis.Redis, namespace: str) -> dict[str, Any]:
             value: Any = await redis.hgetall(key)
         elif kind == "list":
             value = await redis.lrange(key, 0, -1)
+        elif kind == "set":
+            value = await redis.smembers(key)
         else:
             value = await redis.get(key)
         out[key.decode()] = (kind, value, await redis.ttl(key) > 0)

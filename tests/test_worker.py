@@ -560,17 +560,36 @@ async def test_the_echo_example_and_exit_codes(env: Env) -> None:
     assert exit_code("examples.echo:handle", JLM_REDIS_URL="redis://127.0.0.1:1/0") == 69
 
 
-async def test_a_duplicate_message_of_a_running_job_waits_for_it_and_is_skipped(env: Env) -> None:
-    async with env.workers("sleepy", 2, JLM_LEASE_SECONDS="1") as procs:
-        job = await env.submit("d1", payload={"seconds": 2.5})
+def queue_depth(env: Env, queue: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of a queue of the test's vhost."""
+    vhost = env.settings.amqp_urls[0].rsplit("/", 1)[1]
+    columns = ["name", "messages_ready", "messages_unacknowledged"]
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-p", vhost, "--quiet", "--no-table-headers", *columns],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == queue:
+            return int(fields[1]), int(fields[2])
+    raise AssertionError(f"no queue {queue}")
+
+
+async def test_a_duplicate_message_of_a_running_job_is_settled_while_it_runs(env: Env) -> None:
+    async with env.workers("sleepy", 2, JLM_LEASE_SECONDS="3") as procs:
+        job = await env.submit("d1", payload={"seconds": 6})
         await until(lambda: env.started(job), 10, "the handler to start")
-        # The same job message again, as after a broken channel: the idle worker gets it, finds a
-        # live lease (renewed every 1/3 s), waits, and skips it once the job has succeeded.
+        # The same job message again, as a replay would publish it: the idle worker gets it,
+        # finds a live lease held by the other run, and acks it at once (the running worker
+        # owns the job) instead of holding it until the lease ends.
         body = {
             "job_id": job,
             "job_type": JOB_TYPE,
             "cache_prefix": "d1",
-            "payload": {"seconds": 2.5},
+            "payload": {"seconds": 6},
             "priority": 5,
             "enqueued_at": "2026-01-01T00:00:00.000Z",
         }
@@ -581,15 +600,51 @@ async def test_a_duplicate_message_of_a_running_job_waits_for_it_and_is_skipped(
             await jobs.publish(
                 aio_pika.Message(orjson.dumps(body), message_id=job, priority=5), JOB_TYPE
             )
-        await until(lambda: env.status_is(job, "succeeded"), 10, "the job to succeed")
+        published = time.monotonic()
 
         def skipped() -> float:
-            labels = {"job_type": JOB_TYPE, "reason": "succeeded"}
+            labels = {"job_type": JOB_TYPE, "reason": "running"}
             return sum(p.metric("jlm_jobs_skipped_total", **labels) for p in procs)
 
-        await until(skipped, 5, "the duplicate to be skipped")
+        await until(skipped, 5, "the duplicate to be settled")
+        took = time.monotonic() - published
+        assert (await env.status(job))["state"] == "running"  # settled while the job runs
+        assert queue_depth(env, f"jlm.jobs.{JOB_TYPE}") == (0, 1)  # only the holder's
+        await until(lambda: env.status_is(job, "succeeded"), 15, "the job to succeed")
         assert await env.runs() == {job: 1}
         assert sum(p.metric("jlm_jobs_claimed_total", job_type=JOB_TYPE) for p in procs) == 1
+        print(f"\nduplicate of a running job settled {took:.2f}s after it was published")
+
+
+async def test_a_job_is_recovered_after_its_duplicate_was_settled(env: Env) -> None:
+    """The settled duplicate was not the job's only message: when the running worker dies, its
+    own message comes back and the job runs again."""
+    cfg = {"JLM_CONFIG": env.config(max_attempts=2, retry_backoff=0.1), "JLM_LEASE_SECONDS": "2"}
+    async with env.workers("sleepy", **cfg) as (w1,):
+        job = await env.submit("r1", payload={"seconds": 30, "first_only": True})
+        await until(lambda: env.started(job), 10, "the handler to start")
+        async with env.workers("sleepy", **cfg) as (w2,):
+            body = {
+                "job_id": job,
+                "job_type": JOB_TYPE,
+                "cache_prefix": "r1",
+                "payload": {"seconds": 30, "first_only": True},
+                "priority": 5,
+            }
+            conn = await aio_pika.connect(env.settings.amqp_urls[0])
+            async with conn:
+                ch = await conn.channel()
+                jobs = await ch.get_exchange("jlm.jobs", ensure=False)
+                await jobs.publish(
+                    aio_pika.Message(orjson.dumps(body), message_id=job, priority=5), JOB_TYPE
+                )
+            labels = {"job_type": JOB_TYPE, "reason": "running"}
+            await until(lambda: w2.metric("jlm_jobs_skipped_total", **labels), 5, "the skip")
+            w1.signal(signal.SIGKILL)
+            status = await until(lambda: env.status_is(job, "succeeded"), 20, "the recovery")
+            assert status["attempt"] == 2
+            assert await env.runs() == {job: 2}
+            assert w2.metric("jlm_jobs_recovered_total", job_type=JOB_TYPE, outcome="retried") == 1
 
 
 async def test_the_worker_class_in_process(env: Env) -> None:

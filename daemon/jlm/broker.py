@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -20,13 +21,20 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
-from aiormq.exceptions import AMQPError, DeliveryError, PublishError
+from aiormq.exceptions import (
+    AMQPError,
+    ChannelAccessRefused,
+    ChannelNotFoundEntity,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    PublishError,
+)
 from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
 from jlm.config import Settings
 from jlm.connect import DEAD, EVENTS, JOBS, PROVENANCE, REQUESTS, connect_first, why
-from jlm.errors import Unavailable
+from jlm.errors import QueueRefused, Unavailable, bounded
 from jlm.metrics import Metrics
 from jlm.protocol import JobMessage
 from jlm.provenance import Event
@@ -303,8 +311,7 @@ class Broker(AmqpSession):
             EVENTS, aio_pika.ExchangeType.TOPIC, durable=durable
         )
         self._dead = await ch.declare_exchange(DEAD, aio_pika.ExchangeType.FANOUT, durable=durable)
-        dead_q = await ch.declare_queue(DEAD, durable=durable)
-        await dead_q.bind(self._dead, routing_key="")
+        await self._declare_dead_queue(self._conn())
         prov = await ch.declare_queue(
             PROVENANCE,
             durable=durable,
@@ -321,6 +328,36 @@ class Broker(AmqpSession):
             arguments=request_queue_arguments(s),
         )
         await self._consume_queue.bind(requests_x, routing_key="#")
+
+    async def _declare_dead_queue(self, conn: AbstractConnection) -> None:
+        """jlm.dead, bounded in bytes (oldest dropped first), bound to the jlm.dead exchange.
+
+        A jlm.dead declared by an older version has no length arguments, and the broker refuses
+        a declaration that adds them (PRECONDITION_FAILED, which closes the channel): the
+        existing queue is then used as it is, and the warning names the policy that bounds it
+        (docs/operations.md, "Upgrading: a bounded jlm.dead").
+        """
+        assert self._dead is not None
+        limit = self._settings.file.dead_letter_max_length_bytes
+        arguments: dict[str, Any] = {"x-max-length-bytes": limit, "x-overflow": "drop-head"}
+        try:
+            async with conn.channel() as ch:
+                await ch.declare_queue(DEAD, durable=True, arguments=arguments)
+        except ChannelPreconditionFailed:
+            log.warning(
+                "%s exists without a length bound; bound it with a policy: rabbitmqctl "
+                "set_policy -p <vhost> --apply-to queues jlm-dead '^jlm\\.dead$' "
+                '\'{"max-length-bytes": %d, "overflow": "drop-head"}\'',
+                DEAD,
+                limit,
+            )
+        assert self._publish_ch is not None
+        dead_q = await self._publish_ch.declare_queue(DEAD, passive=True)
+        await dead_q.bind(self._dead, routing_key="")
+
+    def _conn(self) -> AbstractConnection:
+        assert self.connection is not None
+        return self.connection
 
     async def ensure_job_queue(self, queue: str, job_type: str) -> None:
         """Declare a job queue (priority 1..10) and its binding once per session."""
@@ -341,6 +378,10 @@ class Broker(AmqpSession):
                         arguments={"x-max-priority": 10},
                     )
                     await q.bind(self._jobs, routing_key=job_type)
+            except (ChannelPreconditionFailed, ChannelAccessRefused) as exc:
+                # The broker answered, and will answer the same again: a vhost queue limit, a
+                # permission, a queue of that name with other arguments.
+                raise QueueRefused(f"rabbitmq refused to declare {queue}: {why(exc)}") from exc
             except (AMQPError, OSError) as exc:
                 raise Unavailable(f"rabbitmq: declaring {queue}: {why(exc)}", "rabbitmq") from exc
             self._declared.add(queue)
@@ -383,7 +424,12 @@ class Broker(AmqpSession):
         done = set() if done is None else done
         if job is not None:
             assert queue is not None
-            await self.ensure_job_queue(queue, job.job_type)
+            try:
+                await self.ensure_job_queue(queue, job.job_type)
+            except QueueRefused as exc:
+                # Declared before the decision; refused now (deleted since, and over a limit):
+                # the decision is recorded, so its job waits for the queue, retried.
+                raise Unavailable(exc.message, "rabbitmq") from exc
             # The same properties aio_pika.Message would build, without its per-message cost.
             props = Basic.Properties(
                 content_type=JSON,
@@ -409,8 +455,14 @@ class Broker(AmqpSession):
         self._metrics.publish_confirm_duration.observe(time.perf_counter() - started)
 
     async def dead_letter(self, message: AbstractIncomingMessage, code: str, reason: str) -> None:
-        """Copy a rejected request, body intact, to jlm.dead with the reason in its headers."""
+        """Copy a rejected request to jlm.dead with the reason in its headers.
+
+        The body is kept whole up to `dead_letter_max_bytes`; a longer one is cut there and the
+        copy says so (`x-jlm-truncated: true`, `x-jlm-original-bytes`).
+        """
         assert self._dead is not None
+        keep = self._settings.file.dead_letter_max_bytes
+        body = message.body
         headers = dict(message.headers or {})
         try:
             amqp_encode.field_table(headers)
@@ -421,13 +473,17 @@ class Broker(AmqpSession):
         headers.update(
             {
                 "x-jlm-error": code,
-                "x-jlm-error-message": reason[:1000],
+                "x-jlm-error-message": bounded(reason),
                 "x-jlm-operation": (message.routing_key or "")[:255],
                 "x-jlm-rejected-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
         )
+        if len(body) > keep:
+            headers["x-jlm-truncated"] = True
+            headers["x-jlm-original-bytes"] = len(body)
+            body = body[:keep]
         msg = aio_pika.Message(
-            message.body,
+            body,
             headers=headers,
             content_type=message.content_type,
             content_encoding=message.content_encoding,
@@ -464,24 +520,34 @@ class Broker(AmqpSession):
         except (AMQPError, OSError, RuntimeError) as exc:
             log.warning("reply to %s not sent: %s", reply_to[:100], why(exc))
 
-    async def queue_depth(self, name: str) -> int | None:
-        """Messages ready in a queue (passive declare on a throw-away channel)."""
+    async def queue_depths(self, names: list[str]) -> dict[str, int]:
+        """Messages ready in each queue that exists, by passive declares on one channel.
+
+        A missing queue closes the channel (404); only then is another one opened.
+        """
+        depths: dict[str, int] = {}
         if self.connection is None or self.closed.is_set():
-            return None
+            return depths
+        ch: AbstractChannel | None = None
         try:
-            ch = await self.connection.channel()
-            try:
-                q = await ch.declare_queue(name, passive=True)
-                return q.declaration_result.message_count
-            finally:
-                if not ch.is_closed:
-                    await ch.close()
+            for name in names:
+                if ch is None or ch.is_closed:
+                    ch = await self.connection.channel()
+                try:
+                    q = await ch.declare_queue(name, passive=True)
+                except ChannelNotFoundEntity:
+                    continue
+                depths[name] = q.declaration_result.message_count or 0
         except (AMQPError, OSError, RuntimeError):
-            return None
+            pass
         except asyncio.CancelledError:
             if _cancelled_here():
                 raise
-            return None
+        finally:
+            if ch is not None and not ch.is_closed:
+                with contextlib.suppress(AMQPError, OSError, RuntimeError):
+                    await ch.close()
+        return depths
 
     async def probe(self, timeout: float) -> None:
         """End the session if the broker does not answer a round trip within `timeout`.

@@ -96,7 +96,14 @@ class FileConfig(BaseModel):
     allow_any_job_type: bool = True
     job_ttl: Annotated[int, Field(gt=0)] = 7 * 86400
     default_result_ttl: Annotated[int, Field(gt=0)] = 3600
-    max_job_types: Annotated[int, Field(gt=0)] = 100
+    # Unconfigured job types that get a queue, per Redis namespace; more are unknown_job_type.
+    max_job_types: Annotated[int, Field(gt=0)] = 1000
+    # Seconds a request's requested_at may lie ahead of the daemon's clock.
+    max_clock_skew: Annotated[float, Field(ge=0)] = 300.0
+    # A rejected request's body is kept in jlm.dead up to this many bytes (then cut).
+    dead_letter_max_bytes: Annotated[int, Field(ge=0)] = 1024 * 1024
+    # jlm.dead holds at most this many bytes of bodies; the oldest are dropped first.
+    dead_letter_max_length_bytes: Annotated[int, Field(gt=0)] = 1024**3
     job_types: dict[str, JobTypeConfig] = Field(default_factory=dict)
     auth: AuthConfig = Field(default_factory=AuthConfig)
 

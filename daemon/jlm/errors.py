@@ -6,6 +6,21 @@ from enum import Enum
 
 from jlm.config import redact_url
 
+# An error `message` is at most this many bytes of UTF-8 (replies, events, dead-letter headers).
+MAX_MESSAGE_BYTES = 1024
+_CUT = " [...]"
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, never inside a character.
+
+    Characters UTF-8 cannot carry (lone surrogates echoed from a request) become `?`.
+    """
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw.decode()
+    return raw[: limit - len(_CUT)].decode("utf-8", "ignore") + _CUT
+
 
 class Disposition(Enum):
     """What happens to the request message."""
@@ -26,6 +41,7 @@ class JlmError(Exception):
     def __init__(self, message: str) -> None:
         # Replies, dead letters, events and logs carry the message: no password in any of them.
         message = redact_url(message)
+        message = bounded(message)
         super().__init__(message)
         self.message = message
 
@@ -92,6 +108,15 @@ class Unavailable(JlmError):
 class Refused(Unavailable):
     """The broker answered and said no (login, virtual host, TLS) or is not a broker: the same
     settings will fail again. At start, the daemon and the worker exit 78 on it."""
+
+
+class QueueRefused(JlmError):
+    """The broker refused to declare a job type's queue (a vhost limit, a permission): answered
+    `unavailable` and dead-lettered, for this request only; other job types go on."""
+
+    code = "unavailable"
+    disposition = Disposition.DEAD_LETTER
+    outcome = "error"
 
 
 class Internal(JlmError):

@@ -97,6 +97,11 @@ class Keys:
         return f"{self.base(tag)}:bind:{request_id}:{actor_digest(actor)}"
 
     @property
+    def job_types(self) -> str:
+        """Set: the unconfigured job types admitted to a queue (at most max_job_types)."""
+        return f"{self.namespace}:job-types"
+
+    @property
     def cancel_channel(self) -> str:
         """Pub/sub channel on which running-job cancellations are pushed to workers."""
         return f"{self.namespace}:cancel"

@@ -19,6 +19,7 @@ from jlm.protocol import (
     Request,
     ScopeRequest,
     StatusRequest,
+    check_clock_skew,
     error_reply,
     iso,
     micros,
@@ -102,9 +103,10 @@ class Lifecycle:
             raise UnknownJobType(f"job type {job_type!r} is not configured")
 
     def validate(self, op: str, request: Request, ctx: Context) -> None:
-        """The checks that need no Redis: reply_to, job type and scope grants (job-id grants come
-        later)."""
+        """The checks that need no Redis: reply_to, clock skew, job type and scope grants
+        (job-id grants come later)."""
         self.authorize_reply_to(ctx)
+        check_clock_skew(request, datetime.now(UTC), self._file.max_clock_skew)
         if isinstance(request, ManageRequest | ScopeRequest):
             self.check_job_type(request.job_type)
             self.authorize(ctx, op, request.cache_prefix, request.job_type)

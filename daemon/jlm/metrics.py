@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,8 @@ class Metrics:
     def __init__(
         self,
         registry: CollectorRegistry | None = None,
-        max_job_types: int = 100,
+        max_job_types: int = 1000,
+        configured: Iterable[str] = (),
         *,
         process: bool = True,
     ) -> None:
@@ -46,6 +48,7 @@ class Metrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
         self._max_job_types = max_job_types
+        self._configured = frozenset(configured)
         self._job_types: set[str] = set()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
@@ -120,6 +123,11 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.poison_messages = Counter(
+            "jlm_poison_messages",
+            "Requests whose properties the AMQP client could not decode, dead-lettered.",
+            registry=r,
+        )
         self.retries = Counter(
             "jlm_request_retries",
             "Request steps retried after a passing failure, by dependency.",
@@ -185,8 +193,9 @@ class Metrics:
         )
 
     def job_type_label(self, job_type: str) -> str:
-        """Bound the label's cardinality: the first `max_job_types` names, then `other`."""
-        if job_type in self._job_types:
+        """Bound the label's cardinality: configured job types always keep their name; of the
+        others, the first `max_job_types` seen, then `other`."""
+        if job_type in self._job_types or job_type in self._configured:
             return job_type
         if len(self._job_types) < self._max_job_types:
             self._job_types.add(job_type)

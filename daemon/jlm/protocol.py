@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -146,7 +146,24 @@ def parse_time(value: str) -> datetime:
         raise InvalidRequest(f"requested_at: not an RFC 3339 time: {value[:64]!r}") from exc
     if parsed.tzinfo is None or "T" not in value.upper():
         raise InvalidRequest("requested_at: an RFC 3339 time with date, time and offset")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as exc:  # e.g. 9999-12-31T23:00:00-05:00 is in the year 10000 UTC
+        raise InvalidRequest(f"requested_at: out of range: {value[:64]!r}") from exc
+
+
+def check_clock_skew(request: Request, now: datetime, max_skew: float) -> None:
+    """A `requested_at` more than `max_skew` seconds ahead of `now` is refused.
+
+    Such a time would make every later request of its scope "stale" until that time comes.
+    """
+    if isinstance(request, ManageRequest) and request.requested_at is not None:
+        at = parse_time(request.requested_at)
+        if at - now > timedelta(seconds=max_skew):
+            raise InvalidRequest(
+                f"requested_at {request.requested_at[:64]!r} is more than {max_skew:g} s "
+                "ahead of the daemon's clock (max_clock_skew)"
+            )
 
 
 # Validation messages in the words of JSON, not of Python ("a valid dictionary").

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import logging
@@ -18,16 +20,26 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
 from jlm import __version__
+from jlm.amqp_transport import UNDECODABLE
 from jlm.broker import REQUESTS, Broker
 from jlm.config import OPERATIONS, Settings, redact_url
-from jlm.errors import Disposition, Internal, InvalidRequest, JlmError, Refused, Unavailable
+from jlm.errors import (
+    Disposition,
+    Internal,
+    InvalidRequest,
+    JlmError,
+    Refused,
+    Unavailable,
+    UnknownJobType,
+)
 from jlm.http_server import HttpServer
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.lifecycle import Context, Lifecycle, Outcome
-from jlm.metrics import HealthState, Metrics
+from jlm.metrics import OTHER, HealthState, Metrics
 from jlm.protocol import (
     MAX_ID_LEN,
     CancelRequest,
+    ManageRequest,
     Request,
     StatusRequest,
     parse_request,
@@ -39,6 +51,7 @@ from jlm.systemd import Notifier, watchdog_loop
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SESSION_SETTLED = 10.0  # seconds: a broker session lost sooner failed (backoff, then prefetch 1)
+LARGE_BODY = 1024 * 1024  # bytes: after such a request the freed heap is given back (see _trim)
 
 
 class SessionLost(Exception):
@@ -55,7 +68,9 @@ class Service:
         notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics(max_job_types=settings.file.max_job_types)
+        self.metrics = metrics or Metrics(
+            max_job_types=settings.file.max_job_types, configured=settings.file.job_types
+        )
         self.notifier = notifier or Notifier.from_env()
         self.health = HealthState()
         self.store = Store(
@@ -87,6 +102,11 @@ class Service:
         self._session_ids: weakref.WeakKeyDictionary[Broker, str] = weakref.WeakKeyDictionary()
         self._unready_since: float | None = time.monotonic()
         self._last_warning: dict[str, float] = {}
+        self._large_seen = False
+        # Redis refused a write (or was down): readiness then also needs a write to pass.
+        self._redis_check_writes = False
+        self._admitted: set[str] = set()  # unconfigured job types known to have a place
+        self._other_queues = False  # some job queue's depth is reported as queue="other"
         # Test hook: called after a decision is committed in Redis, before anything is published.
         self.after_decision: Callable[[Outcome], Awaitable[None]] | None = None
         for dep in ("redis", "rabbitmq"):
@@ -229,6 +249,9 @@ class Service:
             try:
                 with anyio.fail_after(2):
                     await self.store.ping_script()
+                    if self._redis_check_writes:
+                        await self.store.ping_write()
+                        self._redis_check_writes = False
                 self._dependency("redis", True)
             except (Unavailable, TimeoutError) as exc:
                 self._dependency("redis", False, str(exc))
@@ -241,10 +264,10 @@ class Service:
                     f"{self._inflight} in flight"
                 )
             if tick % 10 == 0 and self.broker is not None:
-                for queue in (REQUESTS, *sorted(self.broker.job_queues)):
-                    depth = await self.broker.queue_depth(queue)
-                    if depth is not None:
-                        self.metrics.queue_depth.labels(queue=queue).set(depth)
+                await self._sample_queues(self.broker)
+            if self._large_seen:
+                self._large_seen = False
+                _trim()
             tick += 1
             await anyio.sleep(1)
 
@@ -255,6 +278,24 @@ class Service:
             await anyio.sleep(1)
             if self.broker is not None:
                 await self.broker.probe(2 * heartbeat)
+
+    async def _sample_queues(self, broker: Broker) -> None:
+        """jlm_queue_messages: the request queue and the job queues this session declared.
+
+        An unconfigured job type whose label is `other` adds its queue to the `other` series.
+        """
+        file = self.settings.file
+        own = {REQUESTS, *(file.queue_for(t) for t in file.job_types)}
+        depths = await broker.queue_depths([REQUESTS, *sorted(broker.job_queues)])
+        other = 0
+        for queue, depth in depths.items():
+            if queue in own or self.metrics.job_type_label(_job_type_of(queue)) != OTHER:
+                self.metrics.queue_depth.labels(queue=queue).set(depth)
+            else:
+                other += depth
+        if other or self._other_queues:
+            self._other_queues = True
+            self.metrics.queue_depth.labels(queue=OTHER).set(other)
 
     def _dependency(self, name: str, up: bool, why: str = "") -> None:
         self.metrics.dependency_up.labels(dependency=name).set(1 if up else 0)
@@ -309,6 +350,12 @@ class Service:
         outcome_label = "ok"
         try:
             try:
+                undecodable = (message.headers or {}).get(UNDECODABLE)
+                if undecodable is not None:
+                    self.metrics.poison_messages.inc()
+                    raise InvalidRequest(
+                        "the request's AMQP properties cannot be decoded: " + str(undecodable)
+                    )
                 if len(ctx.request_id) > MAX_ID_LEN:
                     raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
                 request = parse_request(op, message.body, self.settings.file.max_request_bytes)
@@ -350,6 +397,8 @@ class Service:
         except SessionLost:
             outcome_label = "error"
         finally:
+            if len(message.body) >= LARGE_BODY:
+                self._large_seen = True  # trimmed at the next tick, once this body is freed
             self._inflight -= 1
             self._handled += 1
             self.metrics.inflight.dec()
@@ -358,6 +407,26 @@ class Service:
             m = self.metrics
             m.child(m.requests, op_label, outcome_label).inc()
             m.child(m.request_duration, op_label).observe(time.perf_counter() - started)
+
+    async def _admit(self, broker: Broker, job_type: str) -> None:
+        """A job type's queue exists before its first decision.
+
+        An unconfigured job type first needs a place among the namespace's `max_job_types`
+        (UnknownJobType without one); a declaration the broker refuses is QueueRefused. Either
+        way the request is rejected before anything is written for it. Called in the request's
+        lane, so that the requests of a scope are still decided in delivery order.
+        """
+        file = self.settings.file
+        if job_type not in file.job_types and job_type not in self._admitted:
+            limit = file.max_job_types
+            if not await self._retry(broker, lambda: self.store.admit_job_type(job_type, limit)):
+                raise UnknownJobType(
+                    f"job type {job_type!r} is not configured, and {limit} unconfigured job "
+                    "types (max_job_types) already have a queue"
+                )
+            self._admitted.add(job_type)
+        queue = file.queue_for(job_type)
+        await self._retry(broker, lambda: broker.ensure_job_queue(queue, job_type))
 
     async def _decide_in_lane(
         self,
@@ -375,6 +444,8 @@ class Service:
             if previous is not None:
                 await asyncio.shield(previous)
             try:
+                if isinstance(request, ManageRequest):
+                    await self._admit(broker, request.job_type)
                 outcome = await self._retry(broker, lambda: self.lifecycle.handle(op, request, ctx))
             except SessionLost:
                 raise
@@ -406,6 +477,7 @@ class Service:
             except Unavailable as exc:
                 self.metrics.retries.labels(dependency=exc.dependency).inc()
                 if exc.dependency == "redis":
+                    self._redis_check_writes = True
                     self._dependency("redis", False, exc.message)
                     self._update_health()
                 self._warn_rarely(exc.dependency, "waiting for %s: %s", exc.dependency, exc.message)
@@ -465,10 +537,36 @@ class Service:
             raise SessionLost from exc
 
 
+def _job_type_of(queue: str) -> str:
+    """The job type of an unconfigured type's queue (`jlm.jobs.<job_type>`)."""
+    return queue.removeprefix("jlm.jobs.")
+
+
 def _lane_key(request: Request) -> str:
     if isinstance(request, CancelRequest | StatusRequest):
         return tag_of_job(request.job_id) or "-"
     return scope_tag(request.cache_prefix, request.job_type)
+
+
+def _libc_trim() -> Callable[[], None]:
+    name = ctypes.util.find_library("c")
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        malloc_trim = None
+    if malloc_trim is None:
+        return lambda: None
+
+    def trim() -> None:
+        malloc_trim(0)
+
+    return trim
+
+
+# glibc keeps the heap pages of freed message bodies (a body arrives in 128 KiB frames, below
+# its mmap threshold): after large requests, give them back, or a burst of rejected 8 MiB
+# requests would leave the daemon hundreds of MB larger. A no-op without glibc.
+_trim = _libc_trim()
 
 
 def _str(path: Any) -> str | None:

@@ -18,6 +18,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -41,10 +42,29 @@ RedisClient = aioredis.Redis | RedisCluster
 
 # Errors that mean "Redis is not there right now": the request waits and is retried.
 _PASSING = (RedisConnectionError, RedisTimeoutError, OSError)
-_PASSING_REPLIES = ("LOADING", "BUSY", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY")
+# Write refusals are passing too: out of memory (OOM, `maxmemory` with `noeviction`), a failed
+# snapshot (MISCONF, `stop-writes-on-bgsave-error`), too few replicas (NOREPLICAS,
+# `min-replicas-to-write`). Nothing was written; the request waits until Redis accepts writes.
+_PASSING_REPLIES = (
+    "LOADING",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "READONLY",
+    "MISCONF",
+    "NOREPLICAS",
+    "OOM",
+)
 # redis-py strips the code of the replies it maps to a class, so those are matched by class.
 # NOSCRIPT: the client reloads a flushed script once; a flush racing that reload lands here.
-_PASSING_REPLY_CLASSES = (NoScriptError, ReadOnlyError, TryAgainError, ClusterDownError)
+_PASSING_REPLY_CLASSES = (
+    NoScriptError,
+    ReadOnlyError,
+    TryAgainError,
+    ClusterDownError,
+    OutOfMemoryError,
+)
 
 
 # Scripts that record a decision start with the prelude `record.lua`.
@@ -135,6 +155,7 @@ class Store:
             "invalidate",
             "result",
             "bind",
+            "admit_job_type",
         ):
             self.register(name)
 
@@ -152,17 +173,32 @@ class Store:
             async with self._slots:
                 started = time.perf_counter()
                 result = await self._scripts[name](keys=list(keys), args=list(args))
-        except (*_PASSING, *_PASSING_REPLY_CLASSES) as exc:
-            raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
-        except ResponseError as exc:
-            if str(exc).startswith(_PASSING_REPLIES):
-                raise Unavailable(f"redis: {exc}", "redis") from exc
-            raise
-        except RedisError as exc:
-            raise Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis") from exc
+        except (*_PASSING, RedisError) as exc:
+            passing = _passing(exc)
+            if passing is None:
+                raise
+            raise passing from exc
         if timed:
             self._timers[name].observe(time.perf_counter() - started)
         return result
+
+    async def admit_job_type(self, job_type: str, limit: int) -> bool:
+        """Whether an unconfigured job type may have a queue (at most `limit` per namespace)."""
+        return bool(await self.run("admit_job_type", [self.keys.job_types], [job_type, limit]))
+
+    async def ping_write(self) -> None:
+        """A write Redis may refuse while it stays reachable (out of memory, MISCONF, ...).
+
+        Readiness uses it after a refused write: a read-only script call would pass meanwhile.
+        """
+        try:
+            async with self._slots:
+                await self.client.set(f"{self.keys.namespace}:write-probe", b"1", px=10_000)
+        except (*_PASSING, RedisError) as exc:
+            passing = _passing(exc)
+            if passing is None:
+                raise
+            raise passing from exc
 
     async def decide(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Decision:
         """Run a recording script; IdempotencyConflict when its key is bound to another request."""
@@ -238,6 +274,17 @@ class Store:
     async def close(self) -> None:
         await self.flush_marks()
         await self.client.aclose()
+
+
+def _passing(exc: BaseException) -> Unavailable | None:
+    """Unavailable for a passing Redis fault; None for any other reply error (a defect)."""
+    if isinstance(exc, (*_PASSING, *_PASSING_REPLY_CLASSES)):
+        return Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis")
+    if isinstance(exc, ResponseError):
+        if str(exc).startswith(_PASSING_REPLIES):
+            return Unavailable(f"redis: {exc}", "redis")
+        return None
+    return Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis")
 
 
 def pairs_to_dict(flat: list[Any]) -> dict[str, str]:

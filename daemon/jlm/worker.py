@@ -58,6 +58,8 @@ __all__ = ["Handler", "Job", "Worker", "run_worker_cli"]
 
 log = logging.getLogger(__name__)
 RECENT_CANCELS = 10_000
+# Seconds a job message for a job another run holds may stay unsettled (the contract says 1 s).
+SETTLE_WAIT = 0.9
 
 
 class Worker:
@@ -81,7 +83,9 @@ class Worker:
         self.job_type = job_type
         self.concurrency = concurrency
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.metrics = metrics or Metrics(max_job_types=settings.file.max_job_types)
+        self.metrics = metrics or Metrics(
+            max_job_types=settings.file.max_job_types, configured=settings.file.job_types
+        )
         self.health = HealthState()
         self._stop_grace = settings.worker_shutdown_timeout if stop_grace is None else stop_grace
         self._queue = settings.file.queue_for(job_type)
@@ -276,18 +280,34 @@ class Worker:
         if msg is None:
             later.append(self._emit(invalid(self._deps, self.job_type, message.message_id)))
             return "ack"
-        facts = await self._claim(broker, msg)
+        facts = await self._claim(broker, msg, bool(message.redelivered))
         if facts is None:
             return "keep" if broker.closed.is_set() else "requeue"
         if facts.o == "claimed":
             return await self._execute(msg, facts, later)
+        if facts.o == "wait":
+            # A second copy of a job another run holds (e.g. a replay): that run owns the job.
+            # Should its worker die, its own message comes back (redelivered) and recovers it.
+            label = self.metrics.job_type_label(msg.job_type)
+            self.metrics.jobs_skipped.labels(job_type=label, reason="running").inc()
+            return "ack"
         later.append(self._emit(unclaimed(self._deps, msg, facts)))
         return "ack"
 
-    async def _claim(self, broker: WorkerBroker, msg: ReceivedJob) -> Facts | None:
-        """Claim, or wait while another run holds a live lease. None: give the message back."""
+    async def _claim(
+        self, broker: WorkerBroker, msg: ReceivedJob, redelivered: bool
+    ) -> Facts | None:
+        """Claim, within SETTLE_WAIT seconds. None: give the message back.
+
+        While another run holds a live lease the answer is `wait`. A first delivery is a second
+        copy of the job's message (the holder has its own): `wait` is returned, to ack. A
+        redelivered message may be the holder's own, back because its worker died: it is
+        claimed again until SETTLE_WAIT, then given back to the queue (requeued, not held), so
+        the job is recovered by whichever worker gets it once the dead worker's lease lapses.
+        """
         jt = self.settings.file.job_type(msg.job_type)
         max_attempts = jt.max_attempts if jt is not None else 1
+        deadline = time.monotonic() + SETTLE_WAIT
         while not self._stopping.is_set() and not broker.closed.is_set():
             facts = await retry_redis(
                 self._deps,
@@ -299,11 +319,14 @@ class Worker:
                     max_attempts=max_attempts,
                 ),
             )
-            if facts is None or facts.o != "wait":
+            if facts is None or facts.o != "wait" or not redelivered:
                 return facts
-            # Another run holds it (a redelivery after a broken channel): look again when its
-            # lease would expire. A live worker keeps renewing it; a dead one lets it lapse.
-            wait = float(facts.get("wait_ms", 1000)) / 1000 + 0.05
+            # Perhaps a dead worker's message: look again when its lease would expire (a live
+            # worker keeps renewing it), at most until SETTLE_WAIT, then requeue.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            wait = min(float(facts.get("wait_ms", 1000)) / 1000 + 0.05, left)
             await first_of(self._stopping.wait(), broker.closed.wait(), asyncio.sleep(wait))
         return None
 

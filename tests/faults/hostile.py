@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -72,6 +72,7 @@ class Case:
     message_id: str | None = None
     content_type: str | None = "application/json"
     user_id: str | None = "guest"
+    poison: bool = False  # a property the AMQP client cannot decode: invalid_request
 
 
 def deep(levels: int) -> bytes:
@@ -171,7 +172,38 @@ def corpus(limit: int) -> list[Case]:
         Case("weird-mid-long", "manage", m, message_id="x" * 255),
         Case("weird-mid-unicode", "manage", m, message_id="\u202e\U0001f600é"),
         Case("content-type-xml", "manage", m, content_type="application/xml"),
+        Case(
+            "poison-timestamp-2^63",
+            "manage",
+            b'{"job_type": "fz.a", "cache_prefix": "fz-poison", "payload": {}}',
+            headers={"x-sent-at": TIMESTAMP_2_63},
+            poison=True,
+        ),
+        Case("requested-at-9999", "manage", at(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))),
+        Case(
+            "requested-at-9999-offset",
+            "manage",
+            b'{"job_type": "fz.a", "payload": {}, "requested_at": "9999-12-31T23:00:00-05:00"}',
+        ),
+        Case("requested-at-plus-60s", "manage", at(datetime.now(UTC) + timedelta(seconds=60))),
+        Case(
+            "echoed-huge-key",
+            "manage",
+            b'{"job_type": "fz.a", "payload": {}, "' + b"k" * (limit // 2) + b'": 1}',
+        ),
+        Case("echoed-huge-op", "x" * 255, m),
     ]
+
+
+def at(when: datetime) -> bytes:
+    """A valid manage request with this requested_at."""
+    body = {
+        "job_type": "fz.a",
+        "cache_prefix": "fz-at",
+        "payload": {},
+        "requested_at": when.isoformat(),
+    }
+    return json.dumps(body).encode()
 
 
 # -- strategies ------------------------------------------------------------------------------------
