@@ -20,45 +20,62 @@ REDIS_URL = os.environ.get("JLM_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_BASE = os.environ.get("JLM_TEST_AMQP_BASE", "amqp://guest:guest@127.0.0.1:5672")
 
 _vhost_pool: list[str] = []
-_vhosts_made: list[str] = []
+_vhosts_live: list[str] = []  # made and not yet deleted
+_vhosts_done: list[str] = []  # their tests have ended: deleted in the next batch
 _RUN = uuid.uuid4().hex[:6]
+# Every vhost holds its own message stores and a `jlm.provenance` stream, each with open files.
+# A broker started the usual way (root -> su rabbitmq) has 1,024 file descriptors: a suite that
+# kept all its vhosts to the end would run it out (emfile) and crash it. Finished tests' vhosts
+# are therefore deleted in batches, in the same rabbitmqctl call that makes the next ones.
+_BATCH = 20
 
 
 def rabbit_eval(expr: str) -> None:
     subprocess.run(["rabbitmqctl", "eval", expr], check=True, capture_output=True, timeout=60)
 
 
-def _make_vhosts(n: int) -> None:
-    names = [f"jlm-test-{_RUN}-{len(_vhosts_made) + i}" for i in range(n)]
-    erl_names = ",".join(f'<<"{name}">>' for name in names)
+def _erl_list(names: list[str]) -> str:
+    return "[" + ",".join(f'<<"{name}">>' for name in names) + "]"
+
+
+def _make_vhosts(n: int, delete: list[str]) -> None:
+    names = [f"jlm-test-{_RUN}-{len(_vhosts_live) + len(_vhosts_done) + i}" for i in range(n)]
     rabbit_eval(
+        f'lists:foreach(fun(N) -> rabbit_vhost:delete(N, <<"jlm-tests">>) end, '
+        f"{_erl_list(delete)}), "
         f'lists:foreach(fun(N) -> rabbit_vhost:add(N, <<"jlm-tests">>), '
         f'rabbit_auth_backend_internal:set_permissions(<<"guest">>, N, <<".*">>, '
-        f'<<".*">>, <<".*">>, <<"jlm-tests">>) end, [{erl_names}]).'
+        f'<<".*">>, <<".*">>, <<"jlm-tests">>) end, {_erl_list(names)}).'
     )
-    _vhosts_made.extend(names)
+    for name in delete:
+        _vhosts_live.remove(name)
+    _vhosts_live.extend(names)
     _vhost_pool.extend(names)
 
 
 def fresh_vhost() -> str:
     if not _vhost_pool:
-        _make_vhosts(20)
+        done = _vhosts_done[:]
+        _vhosts_done.clear()
+        _make_vhosts(_BATCH, done)
     return _vhost_pool.pop(0)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _cleanup_vhosts() -> Iterator[None]:
     yield
-    if _vhosts_made:
-        erl_names = ",".join(f'<<"{name}">>' for name in _vhosts_made)
+    if _vhosts_live:
         rabbit_eval(
-            f'lists:foreach(fun(N) -> rabbit_vhost:delete(N, <<"jlm-tests">>) end, [{erl_names}]).'
+            f'lists:foreach(fun(N) -> rabbit_vhost:delete(N, <<"jlm-tests">>) end, '
+            f"{_erl_list(_vhosts_live)})."
         )
 
 
 @pytest.fixture
-def vhost() -> str:
-    return fresh_vhost()
+def vhost() -> Iterator[str]:
+    name = fresh_vhost()
+    yield name
+    _vhosts_done.append(name)
 
 
 @pytest.fixture
