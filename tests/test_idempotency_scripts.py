@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 import jlm.keys
 from jlm.config import Settings

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.daemon_process import free_port
+from tests.support.ports import free_port
 
 from jlm.logs import JournalFormatter, JsonFormatter, TextFormatter, priority, to_journal
 

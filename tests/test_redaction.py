@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.amqp_helpers import read_stream
-from tests.conftest import RunningDaemon
-from tests.daemon_process import free_port
+from tests.support.ports import free_port
+from tests.support.services import RunningDaemon
 
 from jlm.client import Client
 from jlm.config import Settings, redact_url
