@@ -255,6 +255,7 @@ def test_with_a_daemon_failures_are_never_success(settings: Settings, tmp_path: 
             daemon.kill()
 
 
+@pytest.mark.unit
 def test_cancel_of_a_running_job_says_add_running() -> None:
     text = _describe("cancel", {"job_id": "j", "cancelled": False, "state": "running"})
     assert text == "job j: not cancelled (running): add --running to stop it"
@@ -368,6 +369,7 @@ def test_daemon_and_worker_exit_78_on_a_refused_login(settings: Settings, comman
     assert "s3cr3tpw" not in out.stderr
 
 
+@pytest.mark.unit
 def test_completion_scripts_load_and_complete() -> None:
     parser = _parser()
     bash = script(parser, "bash")
@@ -393,6 +395,7 @@ def test_completion_scripts_load_and_complete() -> None:
     assert "-l policy -xa 'replace skip reuse'" in fish
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_completion_script_loads_in_zsh() -> None:
     loaded = subprocess.run(
@@ -412,6 +415,7 @@ def test_completion_script_loads_in_zsh() -> None:
     assert loaded.stdout.strip() != ""
 
 
+@pytest.mark.unit
 def test_event_filters_and_since() -> None:
     event = {"job_id": "j1", "request_id": "r1", "type": "job.enqueued"}
     event["scope"] = {"cache_prefix": "p", "job_type": "t"}  # type: ignore[assignment]
@@ -431,6 +435,7 @@ def test_event_filters_and_since() -> None:
         parse_since("10 minutes")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("name", "hint"),
     [

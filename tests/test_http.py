@@ -52,6 +52,7 @@ def closed_by_peer(s: socket.socket) -> bool:
 # -- the request head parser ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @given(
     method=st.sampled_from(["GET", "HEAD", "POST", "PROPFIND"]),
     path=st.from_regex(r"/[a-z0-9/._-]{0,30}(\?[a-z=&0-9]{0,20})?", fullmatch=True),
@@ -75,6 +76,7 @@ def test_a_well_formed_head_parses(
     assert (head.method, head.path) == (method, path.split("?", maxsplit=1)[0])
 
 
+@pytest.mark.unit
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_are_a_bad_request(data: bytes) -> None:
     try:
@@ -83,6 +85,7 @@ def test_any_bytes_parse_or_are_a_bad_request(data: bytes) -> None:
         assert bad.status == "400 Bad Request"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "raw",
     [
@@ -189,6 +192,7 @@ def test_malformed_requests_are_logged_at_most_once_a_minute(
 # -- deadlines, in process -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 async def test_a_slow_head_is_closed_at_the_deadline_and_stop_is_bounded() -> None:
     server = HttpServer(Metrics(), HealthState(), "127.0.0.1", 0, head_timeout=0.5)
     await server.start()
@@ -213,6 +217,7 @@ async def test_a_slow_head_is_closed_at_the_deadline_and_stop_is_bounded() -> No
     idle.close()
 
 
+@pytest.mark.unit
 async def test_the_head_limit_is_16_kib() -> None:
     server = HttpServer(Metrics(), HealthState(), "127.0.0.1", 0)
     await server.start()

@@ -19,6 +19,7 @@ from jlm.config import UserGrant
 __all__ = ["auth"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("queue", "expected"),
     [
@@ -36,6 +37,7 @@ def test_default_reply_to_grant(queue: str, expected: bool) -> None:
     assert UserGrant().allows_reply_to(queue) is expected
 
 
+@pytest.mark.unit
 @given(st.from_regex(r"[a-z][a-z0-9.-]{0,30}", fullmatch=True))
 def test_a_reply_to_grant_names_whole_queue_names(name: str) -> None:
     grant = UserGrant(reply_to=("replies.tenant-a.*",))

@@ -78,6 +78,7 @@ async def client_as(settings: Settings) -> AsyncIterator[Client]:
 # =================================================================================================
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("name", "globs", "expected"),
     [
@@ -910,6 +911,7 @@ async def test_passwords_from_files_never_leak(
     assert_hidden(daemon.log_text(), *secrets.passwords)
 
 
+@pytest.mark.unit
 def test_check_config_and_config_errors_hide_passwords(tmp_path: Path) -> None:
     amqp_pw, redis_pw, other_pw = secret("a"), secret("r"), secret("o")
     urls = {
@@ -938,6 +940,7 @@ def test_check_config_and_config_errors_hide_passwords(tmp_path: Path) -> None:
             assert_hidden(done.stdout + done.stderr, amqp_pw, redis_pw, other_pw)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "password",
     ["plain", "with:colon", "p@ss@word", "sl/ash", "pct%40enc", "comma,sep", "sp ace?#x"],
@@ -956,6 +959,7 @@ def test_redact_url_hides_any_password(password: str) -> None:
     assert redact_url("amqp://guest@h/") == "amqp://guest@h/"
 
 
+@pytest.mark.unit
 def test_load_settings_reads_secret_files(tmp_path: Path) -> None:
     (tmp_path / "amqp_url").write_text("  amqp://u:p1@h/\n")
     (tmp_path / "redis_url").write_text("redis://u:p2@h/0\n")
