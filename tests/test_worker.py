@@ -21,7 +21,7 @@ import aio_pika
 import orjson
 import pytest
 from tests.amqp_helpers import read_stream
-from tests.support.daemon import jlm_env
+from tests.support.daemon import jlm_env, wait_exit
 from tests.support.ports import free_port
 from tests.support.services import RunningDaemon
 from tests.worker_handlers import key
@@ -113,12 +113,7 @@ class WorkerProcess:
             self.proc.send_signal(signum)
 
     async def exited(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker still running after {timeout}s")
-            await asyncio.sleep(0.02)
-        return self.proc.returncode
+        return await wait_exit(self.proc, timeout, "the worker")
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -90,6 +90,16 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+async def wait_exit(proc: subprocess.Popen[bytes], timeout: float, name: str) -> int:
+    """Wait until a process exits (polling: the event loop goes on); its exit code."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} did not exit within {timeout}s")
+        await asyncio.sleep(0.02)
+    return proc.returncode
+
+
 class DaemonProcess:
     """One `python -m jlm run` (or another module, such as the fault launcher), restartable.
 
@@ -194,12 +204,7 @@ class DaemonProcess:
 
     async def wait_exit(self, timeout: float) -> int:
         assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not exit within {timeout}s")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
+        return await wait_exit(self.proc, timeout, self.name)
 
     async def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM: drain and exit; return the exit code."""

@@ -91,14 +91,17 @@ class RabbitNode:
         if self.pki is None:
             lines.append(f"listeners.tcp.1 = 127.0.0.1:{self.port}")
         else:
+            ssl_options = {
+                "cacertfile": self.pki.ca,
+                "certfile": self.pki.server_cert,
+                "keyfile": self.pki.server_key,
+                "verify": "verify_peer",
+                "fail_if_no_peer_cert": "true",
+            }
             lines += [
                 "listeners.tcp = none",
                 f"listeners.ssl.default = 127.0.0.1:{self.port}",
-                f"ssl_options.cacertfile = {self.pki.ca}",
-                f"ssl_options.certfile = {self.pki.server_cert}",
-                f"ssl_options.keyfile = {self.pki.server_key}",
-                "ssl_options.verify = verify_peer",
-                "ssl_options.fail_if_no_peer_cert = true",
+                *(f"ssl_options.{key} = {value}" for key, value in ssl_options.items()),
                 "disk_free_limit.absolute = 10MB",
             ]
         return "\n".join(lines) + "\n"
