@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install services tools run test test-fast test-faults test-cluster lint format bench bench-quick clean
+.PHONY: install services tools run test test-unit test-fast test-faults test-cluster lint format bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ format: install
 
 test: install services tools lint
 	$(BIN)/python -m pytest -q --ignore=tests/cluster $(PYTEST_ARGS)
+
+# No Redis or RabbitMQ needed: protocol, config, redaction, logs, parsers (the `unit` marker).
+test-unit: install tools
+	$(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
 
 # A 3-node RabbitMQ cluster and several daemons on loopback (own nodes, ports and cookie).
 test-cluster: install services

@@ -41,6 +41,7 @@ from typing import Any
 import aiormq
 import redis.asyncio as aioredis
 import uvloop
+from tests.support.ports import free_port
 
 from bench.amqp import (
     JOB_QUEUE,
@@ -53,7 +54,7 @@ from bench.amqp import (
     request_body,
 )
 from bench.env import BenchEnv, loadavg, machine
-from bench.procs import Proc, ServerCpu, free_port, start_daemon
+from bench.procs import Proc, ServerCpu, start_daemon
 from jlm.broker import REQUESTS
 from jlm.config import load_settings
 

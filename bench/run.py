@@ -28,6 +28,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import uvloop
 from pamqp.commands import Basic
+from tests.support.ports import free_port
 
 from bench import latency as lat
 from bench import report
@@ -45,7 +46,7 @@ from bench.amqp import (
     steady_rate,
 )
 from bench.env import BenchEnv, loadavg, machine, versions
-from bench.procs import Proc, ServerCpu, free_port, start_daemon, start_relay
+from bench.procs import Proc, ServerCpu, start_daemon, start_relay
 from bench.redisstats import (
     commandstats,
     db_keys,

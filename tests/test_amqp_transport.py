@@ -7,12 +7,15 @@ import struct
 from typing import Any
 
 import pamqp.frame
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from jlm.amqp_transport import UNDECODABLE, FrameGuardReader
+
+pytestmark = pytest.mark.unit
 
 FLAGS = Basic.Properties.flags
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis.asyncio as aioredis
-from tests.daemon_process import ROOT, DaemonProcess, env_for
+from tests.support.daemon import ROOT, DaemonProcess, env_for
 
 from jlm.client import Client
 from jlm.config import Settings
@@ -29,10 +29,9 @@ def jlm(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProce
 
 
 def test_walkthrough_submit_twice(settings: Settings, tmp_path: Path) -> None:
-    with (tmp_path / "daemon.log").open("w") as log:
-        daemon = DaemonProcess(settings, log)
+    with DaemonProcess.of(settings, tmp_path) as daemon:
         try:
-            daemon.wait_ready()
+            daemon.wait_ready_blocking()
             first = jlm(settings, "submit", "demo", "--payload", '{"x":1}', "--wait", "--json")
             assert first.returncode == 0, first.stderr
             second = jlm(settings, "submit", "demo", "--payload", '{"x":1}', "--wait")
@@ -48,7 +47,7 @@ def test_walkthrough_submit_twice(settings: Settings, tmp_path: Path) -> None:
             events = jlm(settings, "events", "--json")
             types = [json.loads(line)["type"] for line in events.stdout.splitlines()]
             assert types == ["job.enqueued", "job.superseded", "job.enqueued"]
-            assert daemon.terminate() == 0
+            assert daemon.terminate_blocking() == 0
         finally:
             daemon.kill()
 
@@ -88,9 +87,8 @@ async def test_sigterm_drains_in_flight_requests_without_loss(
 ) -> None:
     """SIGTERM with 2,000 requests queued: exit 0; after a restart each has one decision."""
     settings = make_settings()
-    log = (tmp_path / "daemon.log").open("w")
-    first = DaemonProcess(settings, log)
-    await asyncio.to_thread(first.wait_ready)
+    first = DaemonProcess.of(settings, tmp_path, name="first")
+    await first.wait_ready()
     async with Client(settings) as client:
         futures = [
             await client.send(
@@ -101,16 +99,15 @@ async def test_sigterm_drains_in_flight_requests_without_loss(
             for i in range(2000)
         ]
         await asyncio.sleep(0.3)  # let it get busy
-        code = await asyncio.to_thread(first.terminate)
+        code = await first.terminate()
         assert code == 0
         answered_before = sum(f.done() for f in futures)
-        second = DaemonProcess(settings, log)
+        second = DaemonProcess.of(settings, tmp_path, name="second")
         try:
-            await asyncio.to_thread(second.wait_ready)
+            await second.wait_ready()
             replies = await asyncio.wait_for(asyncio.gather(*futures), 120)
         finally:
-            await asyncio.to_thread(second.terminate)
-    log.close()
+            await second.terminate()
     assert all(r["success"] for r in replies)
     job_ids = [r["new_job_id"] for r in replies]
     assert len(set(job_ids)) == 2000, "a request was decided twice or lost"

@@ -19,14 +19,15 @@ from pathlib import Path
 
 import aio_pika
 import pytest
-from tests.conftest import AMQP_BASE, start_daemon
-from tests.daemon_process import ROOT, DaemonProcess, env_for, free_port
 from tests.security_helpers import (
     PUBLISHER_GRANTS,
     add_shared_users,
     delete_shared_users,
     new_user,
 )
+from tests.support.daemon import ROOT, DaemonProcess, env_for
+from tests.support.ports import free_port
+from tests.support.services import AMQP_BASE, start_daemon
 
 from jlm.cli import _describe, _parser
 from jlm.completion import script
@@ -190,10 +191,9 @@ def _events_of(out: subprocess.CompletedProcess[str]) -> list[dict[str, object]]
 
 
 def test_with_a_daemon_failures_are_never_success(settings: Settings, tmp_path: Path) -> None:
-    with (tmp_path / "daemon.log").open("w") as log:
-        daemon = DaemonProcess(settings, log)
+    with DaemonProcess.of(settings, tmp_path) as daemon:
         try:
-            daemon.wait_ready()
+            daemon.wait_ready_blocking()
             # Waiting is the default: a rejected request fails with the daemon's reason.
             bad = jlm(settings, "submit", "demo", "--priority", "99")
             assert bad.returncode == 1
@@ -250,11 +250,12 @@ def test_with_a_daemon_failures_are_never_success(settings: Settings, tmp_path: 
             cancel = jlm(settings, "cancel", third_id)
             assert cancel.returncode == 0
             assert "cancelled (" in cancel.stdout
-            assert daemon.terminate() == 0
+            assert daemon.terminate_blocking() == 0
         finally:
             daemon.kill()
 
 
+@pytest.mark.unit
 def test_cancel_of_a_running_job_says_add_running() -> None:
     text = _describe("cancel", {"job_id": "j", "cancelled": False, "state": "running"})
     assert text == "job j: not cancelled (running): add --running to stop it"
@@ -267,10 +268,9 @@ def test_cancel_of_a_running_job_says_add_running() -> None:
 
 def test_until_done_and_the_worker_log_one_line_per_job(settings: Settings, tmp_path: Path) -> None:
     with (
-        (tmp_path / "daemon.log").open("w") as log,
+        DaemonProcess.of(settings, tmp_path) as daemon,
         (tmp_path / "worker.log").open("w") as worker_log,
     ):
-        daemon = DaemonProcess(settings, log)
         worker = subprocess.Popen(
             [
                 sys.executable,
@@ -287,7 +287,7 @@ def test_until_done_and_the_worker_log_one_line_per_job(settings: Settings, tmp_
             stderr=worker_log,
         )
         try:
-            daemon.wait_ready()
+            daemon.wait_ready_blocking()
             done = jlm(
                 settings, "submit", "demo", "--payload", '{"n": 1}', "--until-done", "--json"
             )
@@ -304,7 +304,7 @@ def test_until_done_and_the_worker_log_one_line_per_job(settings: Settings, tmp_
         finally:
             worker.terminate()
             worker.wait(30)
-            daemon.terminate()
+            daemon.terminate_blocking()
             daemon.kill()
     records = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]
     about = [r["msg"] for r in records if r.get("job_id") == reply["new_job_id"]]
@@ -369,6 +369,7 @@ def test_daemon_and_worker_exit_78_on_a_refused_login(settings: Settings, comman
     assert "s3cr3tpw" not in out.stderr
 
 
+@pytest.mark.unit
 def test_completion_scripts_load_and_complete() -> None:
     parser = _parser()
     bash = script(parser, "bash")
@@ -394,6 +395,7 @@ def test_completion_scripts_load_and_complete() -> None:
     assert "-l policy -xa 'replace skip reuse'" in fish
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_completion_script_loads_in_zsh() -> None:
     loaded = subprocess.run(
@@ -413,6 +415,7 @@ def test_completion_script_loads_in_zsh() -> None:
     assert loaded.stdout.strip() != ""
 
 
+@pytest.mark.unit
 def test_event_filters_and_since() -> None:
     event = {"job_id": "j1", "request_id": "r1", "type": "job.enqueued"}
     event["scope"] = {"cache_prefix": "p", "job_type": "t"}  # type: ignore[assignment]
@@ -432,6 +435,7 @@ def test_event_filters_and_since() -> None:
         parse_since("10 minutes")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("name", "hint"),
     [

@@ -27,6 +27,8 @@ from jlm.config import (
     redact_url,
 )
 
+pytestmark = pytest.mark.unit
+
 # A readable file for the settings that name one (TLS files, JLM_CONFIG); written by `paths`.
 READABLE = "@readable@"
 

@@ -15,6 +15,8 @@ from tests.test_config import FILE_KEYS, READABLE, SETTINGS, Row
 
 from jlm.config import ENV_SETTINGS, env_name
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parent.parent
 EX_CONFIG = 78
 

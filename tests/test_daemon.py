@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from tests.amqp_helpers import drain_queue, read_stream
-from tests.conftest import RunningDaemon, start_daemon
+from tests.support.services import RunningDaemon, start_daemon
 
 from jlm.client import Client
 from jlm.config import Settings

@@ -117,6 +117,7 @@ def verifiable_copy(unit: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("unit", "name"),
     [(UNIT, "job-lifecycle-manager.service"), (TEMPLATE, "job-lifecycle-manager@1.service")],
@@ -130,6 +131,7 @@ def test_systemd_unit_verifies_clean(unit: Path, name: str, tmp_path: Path) -> N
     assert not output, f"systemd-analyze verify {name} printed warnings:\n{output}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("unit", "name"),
     [(UNIT, "job-lifecycle-manager.service"), (TEMPLATE, "job-lifecycle-manager@1.service")],
@@ -148,6 +150,7 @@ def test_systemd_unit_exposure_is_low(unit: Path, name: str, tmp_path: Path) -> 
     )
 
 
+@pytest.mark.unit
 def test_systemd_unit_has_the_contracted_settings() -> None:
     s = unit_settings(UNIT)
     expected = {
@@ -181,6 +184,7 @@ def test_systemd_unit_has_the_contracted_settings() -> None:
     )
 
 
+@pytest.mark.unit
 def test_template_unit_gives_each_instance_its_own_port() -> None:
     main, template = unit_settings(UNIT), unit_settings(TEMPLATE)
     assert "JLM_METRICS_ADDR=127.0.0.1:946%i" in template.get("Environment", []), (
@@ -197,6 +201,7 @@ def env_example_defaults() -> dict[str, str]:
     return dict(re.findall(r"^#(JLM_[A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE))
 
 
+@pytest.mark.unit
 def test_env_example_lists_every_setting_with_its_default() -> None:
     shown = env_example_defaults()
     fields = {name: f for name, f in Settings.model_fields.items() if name != "file"}
@@ -224,18 +229,21 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
 # -- Prometheus -----------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_promtool_checks_the_rules() -> None:
     tool = require_tool("promtool", "prometheus")
     result = run(tool, "check", "rules", "alerts.yml", cwd=PROMETHEUS)
     assert result.returncode == 0, f"promtool check rules:\n{result.stdout}{result.stderr}"
 
 
+@pytest.mark.unit
 def test_promtool_unit_tests_of_the_alerts_pass() -> None:
     tool = require_tool("promtool", "prometheus")
     result = run(tool, "test", "rules", "alerts_test.yml", cwd=PROMETHEUS)
     assert result.returncode == 0, f"promtool test rules:\n{result.stdout}{result.stderr}"
 
 
+@pytest.mark.unit
 def test_promtool_checks_the_prometheus_config() -> None:
     tool = require_tool("promtool", "prometheus")
     result = run(tool, "check", "config", "prometheus.yml", cwd=PROMETHEUS)
@@ -260,6 +268,7 @@ def runbook_anchors() -> set[str]:
     return {github_anchor(h) for h in re.findall(r"^### (.+)$", runbooks, flags=re.MULTILINE)}
 
 
+@pytest.mark.unit
 def test_every_alert_links_to_its_runbook() -> None:
     rules = alert_rules()
     assert sorted(rules) == sorted(ALERTS), f"alerts.yml defines {sorted(rules)}"
@@ -272,6 +281,7 @@ def test_every_alert_links_to_its_runbook() -> None:
         assert github_anchor(name) in anchors, f"docs/operations.md has no `### {name}` runbook"
 
 
+@pytest.mark.unit
 def test_every_alert_is_tested_firing_and_not_firing() -> None:
     doc = load_yaml(PROMETHEUS / "alerts_test.yml")
     fires: set[str] = set()
@@ -354,6 +364,7 @@ def check_exprs(where: str, exprs: list[str]) -> None:
     assert not problems, f"{where}:\n" + "\n".join(problems)
 
 
+@pytest.mark.unit
 def test_metric_reference_parser() -> None:
     names, labels = metric_references(
         "histogram_quantile(0.99, sum by (op, le) (rate(jlm_request_duration_seconds_bucket"
@@ -363,6 +374,7 @@ def test_metric_reference_parser() -> None:
     assert labels == {"op", "le", "instance"}
 
 
+@pytest.mark.unit
 def test_alerts_use_only_exposed_metrics() -> None:
     check_exprs("alerts.yml", [str(rule["expr"]) for rule in alert_rules().values()])
 
@@ -383,12 +395,14 @@ def panel_exprs(panel: dict[str, Any]) -> list[str]:
     return [t["expr"] for t in panel.get("targets", []) if t.get("expr")]
 
 
+@pytest.mark.unit
 def test_dashboard_panels_use_only_exposed_metrics() -> None:
     exprs = [e for p in all_panels(dashboard()["panels"]) for e in panel_exprs(p)]
     assert exprs, "the dashboard has no panel queries"
     check_exprs("grafana/dashboards/jlm.json", exprs)
 
 
+@pytest.mark.unit
 def test_dashboard_covers_every_area() -> None:
     board = dashboard()
     panels = [p for p in all_panels(board["panels"]) if p.get("type") != "row"]
@@ -429,6 +443,7 @@ def test_dashboard_covers_every_area() -> None:
     assert re.search(r"by \(op, outcome\)", throughput), "throughput must be split by op, outcome"
 
 
+@pytest.mark.unit
 def test_dashboard_layout_and_provisioning() -> None:
     board = dashboard()
     assert board.get("uid"), "the dashboard needs a uid"
@@ -465,6 +480,7 @@ def compose() -> dict[str, Any]:
 PINNED_TAG = re.compile(r"^[a-z0-9][a-z0-9./_-]*:v?\d+\.\d+(\.\d+)*(-[A-Za-z0-9._-]+)?$")
 
 
+@pytest.mark.unit
 def test_compose_images_are_pinned() -> None:
     services = compose()["services"]
     expected = {"rabbitmq", "redis", "daemon", "worker", "prometheus", "grafana"}
@@ -477,6 +493,7 @@ def test_compose_images_are_pinned() -> None:
     assert re.match(r"^redis:7\.\d+\.\d+", services["redis"]["image"])
 
 
+@pytest.mark.unit
 def test_compose_services_are_wired() -> None:
     c = compose()
     services = c["services"]
@@ -513,6 +530,7 @@ def test_compose_services_are_wired() -> None:
     assert "daemon" not in worker.get("depends_on", {})
 
 
+@pytest.mark.unit
 def test_dockerfile_is_pinned_non_root_and_health_checked() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, flags=re.MULTILINE))
@@ -564,6 +582,7 @@ GRANTS: dict[tuple[str, str], set[str]] = {
 }
 
 
+@pytest.mark.unit
 def test_rabbitmq_users_have_least_privilege() -> None:
     d = definitions()
     assert {"name": "/"} in d["vhosts"], "definitions must create the / vhost"
@@ -593,6 +612,7 @@ WORKER_EVENTS = ("job.claimed", "job.succeeded", "job.failed", "job.cancelled", 
 DAEMON_ONLY_EVENTS = ("job.enqueued", "job.superseded", "request.rejected", "job.deduplicated")
 
 
+@pytest.mark.unit
 def test_worker_may_publish_only_worker_events() -> None:
     topics = {(t["user"], t["exchange"]): t for t in definitions()["topic_permissions"]}
     events = topics.get(("worker", "jlm.events"))
@@ -612,6 +632,7 @@ def rabbitmq_hash_matches(password: str, encoded: str) -> bool:
     return hashlib.sha256(salt + password.encode()).digest() == digest
 
 
+@pytest.mark.unit
 def test_compose_passwords_match_the_broker_and_redis_users() -> None:
     services = compose()["services"]
     users = {u["name"]: u for u in definitions()["users"]}
@@ -729,6 +750,7 @@ def test_redis_acl_allows_every_command_of_the_lua_scripts(acl_redis: Path) -> N
 # -- configuration examples and docs --------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["config.example.toml", "config.compose.toml"])
 def test_config_examples_load(name: str) -> None:
     path = DEPLOY / name
@@ -737,12 +759,14 @@ def test_config_examples_load(name: str) -> None:
     load_file(path)
 
 
+@pytest.mark.unit
 def test_operations_doc_has_a_runbook_per_alert() -> None:
     anchors = runbook_anchors()
     missing = [a for a in ALERTS if github_anchor(a) not in anchors]
     assert not missing, f"docs/operations.md lacks runbooks for {missing}"
 
 
+@pytest.mark.unit
 def test_operations_doc_links_resolve() -> None:
     text = OPERATIONS_DOC.read_text(encoding="utf-8")
     headings = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)}

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tests.support.daemon import DaemonProcess
 
-from daemon_process import DaemonProcess
 from jlm.config import Settings
 from jlm.http_server import MAX_HEAD_BYTES, BadRequest, HttpServer, head_end, parse_head
 from jlm.metrics import HealthState, Metrics
@@ -52,6 +52,7 @@ def closed_by_peer(s: socket.socket) -> bool:
 # -- the request head parser ---------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @given(
     method=st.sampled_from(["GET", "HEAD", "POST", "PROPFIND"]),
     path=st.from_regex(r"/[a-z0-9/._-]{0,30}(\?[a-z=&0-9]{0,20})?", fullmatch=True),
@@ -75,6 +76,7 @@ def test_a_well_formed_head_parses(
     assert (head.method, head.path) == (method, path.split("?", maxsplit=1)[0])
 
 
+@pytest.mark.unit
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_are_a_bad_request(data: bytes) -> None:
     try:
@@ -83,6 +85,7 @@ def test_any_bytes_parse_or_are_a_bad_request(data: bytes) -> None:
         assert bad.status == "400 Bad Request"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "raw",
     [
@@ -106,24 +109,19 @@ def test_malformed_heads_are_400(raw: bytes) -> None:
 
 
 @pytest.fixture
-def daemon_proc(settings: Settings) -> Iterator[tuple[DaemonProcess, Iterator[str]]]:
-    with tempfile.TemporaryFile("w+") as log:
-        proc = DaemonProcess(settings, log)
-        try:
-            proc.wait_ready()
+def daemon_proc(
+    settings: Settings, tmp_path: Path
+) -> Iterator[tuple[DaemonProcess, Iterator[str]]]:
+    with DaemonProcess.of(settings, tmp_path) as proc:
+        proc.wait_ready_blocking()
 
-            def lines() -> Iterator[str]:
-                log.flush()
-                log.seek(0)
-                yield from log.read().splitlines()
+        def lines() -> Iterator[str]:
+            yield from proc.log_text().splitlines()
 
-            yield proc, lines()
-            assert proc.terminate() == 0
-        finally:
-            proc.kill()
-        log.seek(0)
-        text = log.read()
-        assert "Traceback" not in text, text[-3000:]
+        yield proc, lines()
+        assert proc.terminate_blocking() == 0
+    text = proc.log_text()
+    assert "Traceback" not in text, text[-3000:]
 
 
 @pytest.mark.timeout(60)
@@ -132,6 +130,7 @@ def test_crowd_of_idle_connections_and_hostile_requests(
 ) -> None:
     proc, _ = daemon_proc
     port = proc.port
+    assert port is not None
     idle = []
     try:
         for _ in range(150):
@@ -182,6 +181,7 @@ def test_malformed_requests_are_logged_at_most_once_a_minute(
     daemon_proc: tuple[DaemonProcess, Iterator[str]],
 ) -> None:
     proc, lines = daemon_proc
+    assert proc.port is not None
     for _ in range(20):
         assert status_of(exchange(proc.port, b"garbage\r\n\r\n")) == 400
     assert status_of(exchange(proc.port, b"GET /healthz HTTP/1.1\r\n\r\n")) == 200
@@ -192,6 +192,7 @@ def test_malformed_requests_are_logged_at_most_once_a_minute(
 # -- deadlines, in process -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 async def test_a_slow_head_is_closed_at_the_deadline_and_stop_is_bounded() -> None:
     server = HttpServer(Metrics(), HealthState(), "127.0.0.1", 0, head_timeout=0.5)
     await server.start()
@@ -216,6 +217,7 @@ async def test_a_slow_head_is_closed_at_the_deadline_and_stop_is_bounded() -> No
     idle.close()
 
 
+@pytest.mark.unit
 async def test_the_head_limit_is_16_kib() -> None:
     server = HttpServer(Metrics(), HealthState(), "127.0.0.1", 0)
     await server.start()

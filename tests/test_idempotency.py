@@ -11,7 +11,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from tests.amqp_helpers import drain_queue, read_stream
-from tests.conftest import RunningDaemon, start_daemon
+from tests.support.services import RunningDaemon, start_daemon
 from tests.test_security import AuthSetup, auth, client_as, scope_keys, snapshot
 
 import jlm.keys

@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 import jlm.keys
 from jlm.config import Settings
@@ -136,6 +136,7 @@ JSON = st.recursive(
 )
 
 
+@pytest.mark.unit
 @given(st.dictionaries(st.text(max_size=6), JSON, max_size=6), st.randoms(use_true_random=False))
 def test_equal_parsed_json_has_an_equal_digest(body: dict[str, Any], rnd: Any) -> None:
     def shuffled(value: Any) -> Any:

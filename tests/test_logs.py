@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.daemon_process import free_port
+from tests.support.ports import free_port
 
 from jlm.logs import JournalFormatter, JsonFormatter, TextFormatter, priority, to_journal
 
@@ -30,6 +30,7 @@ def record(level: int, msg: str, exc: bool = False) -> logging.LogRecord:
     return logging.LogRecord("jlm.test", level, __file__, 1, msg, None, exc_info)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("level", "prio"),
     [
@@ -49,6 +50,7 @@ def test_priorities_follow_sd_daemon(level: int, prio: int) -> None:
     assert json.loads(line[len(f"<{prio}>") :])["msg"] == "hello"
 
 
+@pytest.mark.unit
 def test_every_line_of_a_text_record_carries_the_prefix() -> None:
     lines = JournalFormatter(TextFormatter()).format(record(logging.ERROR, "a\nb", exc=True))
     assert len(lines.split("\n")) > 4  # the message's two lines and the traceback
@@ -58,6 +60,7 @@ def test_every_line_of_a_text_record_carries_the_prefix() -> None:
     assert one.startswith("<3>")
 
 
+@pytest.mark.unit
 def test_the_journal_is_recognised_by_device_and_inode(tmp_path: Path) -> None:
     with (tmp_path / "stderr").open("w") as stream, (tmp_path / "other").open("w") as other:
         st = os.fstat(stream.fileno())
@@ -121,6 +124,7 @@ def test_the_daemon_prefixes_its_lines_only_on_the_journal(fmt: str, tmp_path: P
     assert not any(line.startswith("<") for line in plain), plain
 
 
+@pytest.mark.unit
 def test_a_configuration_error_on_the_journal_is_an_error(tmp_path: Path) -> None:
     err_path = tmp_path / "stderr"
     with err_path.open("wb") as err:

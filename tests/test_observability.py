@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import start_daemon
-from tests.daemon_process import DaemonProcess
-from tests.redis_server import RedisServer
+from tests.support.daemon import DaemonProcess
+from tests.support.redis_server import RedisServer
+from tests.support.services import start_daemon
 from tests.test_daemon import http_get
 
 from jlm.client import Client
@@ -132,19 +132,20 @@ def test_systemd_notify_ready_watchdog_stopping(settings: Settings, tmp_path: Pa
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
     sock.settimeout(30)
-    with (tmp_path / "daemon.log").open("w") as log:
-        daemon = DaemonProcess(settings, log, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000")
+    with DaemonProcess.of(
+        settings, tmp_path, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="400000"
+    ) as daemon:
         try:
             got: list[str] = []
             while not any("READY=1" in g for g in got):
                 got.append(sock.recv(4096).decode())
-            daemon.wait_ready()  # READY=1 came no earlier than consuming
+            daemon.wait_ready_blocking()  # READY=1 came no earlier than consuming
             watchdogs = 0
             while watchdogs < 3:
                 msg = sock.recv(4096).decode()
                 got.append(msg)
                 watchdogs += msg == "WATCHDOG=1"
-            assert daemon.terminate() == 0
+            assert daemon.terminate_blocking() == 0
             sock.settimeout(1)
             try:
                 while True:

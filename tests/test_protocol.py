@@ -23,6 +23,8 @@ from jlm.protocol import (
     parse_request,
 )
 
+pytestmark = pytest.mark.unit
+
 LIMIT = 1024 * 1024
 
 

@@ -25,8 +25,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.amqp_helpers import read_stream
-from tests.conftest import RunningDaemon
-from tests.daemon_process import free_port
+from tests.support.ports import free_port
+from tests.support.services import RunningDaemon
 
 from jlm.client import Client
 from jlm.config import Settings, redact_url
@@ -98,6 +98,7 @@ def url_with_secrets(draw: st.DrawFn) -> tuple[str, str, list[str]]:
     )
 
 
+@pytest.mark.unit
 @given(st.lists(url_with_secrets(), min_size=1, max_size=3), st.sampled_from(["", "failed: "]))
 def test_no_secret_survives_redaction(urls: list[tuple[str, str, list[str]]], before: str) -> None:
     text = before + ",".join(u for u, _, _ in urls) + (" (retrying)" if before else "")
@@ -110,6 +111,7 @@ def test_no_secret_survives_redaction(urls: list[tuple[str, str, list[str]]], be
     assert redact_url(out) == out  # shown text stays as it is
 
 
+@pytest.mark.unit
 @given(st.lists(url_with_secrets(), min_size=1, max_size=3))
 def test_no_secret_survives_in_quotes_or_brackets(urls: list[tuple[str, str, list[str]]]) -> None:
     """In an exception's repr, a list or a sentence, the secret goes (the punctuation that
@@ -120,6 +122,7 @@ def test_no_secret_survives_in_quotes_or_brackets(urls: list[tuple[str, str, lis
         assert MARK not in out, out
 
 
+@pytest.mark.unit
 def test_what_is_hidden_and_what_is_not() -> None:
     cases = {
         "redis://127.0.0.1:6379/0": "redis://127.0.0.1:6379/0",
@@ -174,6 +177,7 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("source", ["env", "file", "credential"])
 def test_check_config_never_shows_a_password(source: str, tmp_path: Path) -> None:
     pw, second = secret(), secret()
@@ -263,6 +267,7 @@ async def test_start_up_log_down_warnings_and_metrics_never_show_a_password(
     assert everything.count(pw) == 0
 
 
+@pytest.mark.unit
 def test_log_records_errors_and_exceptions_hide_passwords() -> None:
     pw = secret()
     url = amqp_url(1, pw)

@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from tests.amqp_helpers import drain_queue, queue_exists, read_stream
-from tests.conftest import RunningDaemon, start_daemon
+from tests.support.services import RunningDaemon, start_daemon
 
 from jlm.client import Client
 from jlm.config import Settings

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tests.amqp_helpers import drain_queue, read_stream
-from tests.conftest import start_daemon
+from tests.support.requests import request_message
+from tests.support.services import start_daemon
 from tests.test_security import SHARED_HOST, AuthSetup, auth, client_as, manage
 
 from jlm.config import UserGrant
@@ -18,6 +19,7 @@ from jlm.config import UserGrant
 __all__ = ["auth"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("queue", "expected"),
     [
@@ -35,6 +37,7 @@ def test_default_reply_to_grant(queue: str, expected: bool) -> None:
     assert UserGrant().allows_reply_to(queue) is expected
 
 
+@pytest.mark.unit
 @given(st.from_regex(r"[a-z][a-z0-9.-]{0,30}", fullmatch=True))
 def test_a_reply_to_grant_names_whole_queue_names(name: str) -> None:
     grant = UserGrant(reply_to=("replies.tenant-a.*",))
@@ -71,13 +74,13 @@ async def test_reply_to_outside_the_grant_is_forbidden_and_gets_no_reply(
                 ]
             ):
                 await requests.publish(
-                    aio_pika.Message(
+                    request_message(
                         body,
-                        content_type="application/json",
                         message_id=f"aimed-{i}",
                         user_id=a.name,
                         reply_to="orders",
                         correlation_id="c",
+                        persistent=False,
                     ),
                     routing_key=op,
                 )

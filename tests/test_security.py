@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -29,26 +28,26 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelAccessRefused, ChannelPreconditionFailed
 from redis.exceptions import NoPermissionError, ResponseError
 from tests.amqp_helpers import drain_queue, events_on, read_stream
-from tests.conftest import AMQP_BASE, start_daemon
 from tests.security_helpers import (
     DAEMON_GRANTS,
     PUBLISHER_GRANTS,
     WORKER_GRANTS,
     BrokerUser,
-    Pki,
-    RabbitNode,
-    RedisServer,
     add_shared_users,
     amqp_connect,
     close_user_connections,
     daemon_acl,
     delete_shared_users,
     erl_bin,
-    make_pki,
     new_user,
-    secret,
     user_setup_expr,
 )
+from tests.support.daemon import DaemonProcess
+from tests.support.pki import Pki, make_pki, secret
+from tests.support.rabbit_node import RabbitNode
+from tests.support.redis_server import RedisServer
+from tests.support.requests import request_message
+from tests.support.services import AMQP_BASE, start_daemon
 
 from jlm.client import Client
 from jlm.config import ConfigError, Settings, UserGrant, load_settings, redact_url
@@ -79,6 +78,7 @@ async def client_as(settings: Settings) -> AsyncIterator[Client]:
 # =================================================================================================
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("name", "globs", "expected"),
     [
@@ -305,11 +305,11 @@ async def test_broker_refuses_a_forged_user_id(
         async with conn:
             ch = await conn.channel(publisher_confirms=True)
             exchange = await ch.get_exchange("jlm.requests", ensure=False)
-            forged = aio_pika.Message(
-                orjson.dumps({"job_id": job_b["new_job_id"], "running": True}),
-                content_type="application/json",
+            forged = request_message(
+                {"job_id": job_b["new_job_id"], "running": True},
                 message_id="forged-1",
                 user_id=b.name,
+                persistent=False,
             )
             with pytest.raises(ChannelPreconditionFailed, match="user_id"):
                 await exchange.publish(forged, routing_key="cancel")
@@ -427,12 +427,12 @@ async def test_reply_to_cannot_aim_the_daemon_at_its_own_queues(
             targets = ("jlm.jobs.demo", "jlm.provenance", "jlm.dead", "jlm.requests")
             for i, target in enumerate(targets):
                 await exchange.publish(
-                    aio_pika.Message(
-                        orjson.dumps(manage("demo", f"aim{i}")),
-                        content_type="application/json",
+                    request_message(
+                        manage("demo", f"aim{i}"),
                         message_id=f"aimed-{i}",
                         reply_to=target,
                         correlation_id="c",
+                        persistent=False,
                     ),
                     routing_key="manage",
                 )
@@ -468,18 +468,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="module")
 def tls_redis(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-tls"), pki=pki)
+    server = RedisServer(tmp_path_factory.mktemp("redis-tls"), pki=pki, default_user=False)
     server.start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def tls_rabbit(pki: Pki) -> Iterator[RabbitNode]:
-    node = RabbitNode(pki)
+def tls_rabbit(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    node = RabbitNode(tmp_path_factory.mktemp("rabbit-tls"), pki=pki)
     try:
         node.start()
-    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+        node.await_startup()
+    except (AssertionError, subprocess.SubprocessError, OSError) as exc:
         node.stop()
         pytest.fail(f"could not start a TLS RabbitMQ node: {exc}")
     yield node
@@ -517,7 +518,7 @@ class TlsSetup:
         u = user or self.daemon_user
         base = {
             "JLM_AMQP_URL": u.url(self.host, self.vhost, scheme="amqps"),
-            "JLM_REDIS_URL": self.redis.url(self.redis_user, self.redis_password),
+            "JLM_REDIS_URL": self.redis.url_as(self.redis_user, self.redis_password),
             "JLM_REDIS_NAMESPACE": self.namespace,
             "JLM_METRICS_ADDR": "127.0.0.1:0",
             "JLM_SHUTDOWN_TIMEOUT": "10",
@@ -616,7 +617,7 @@ async def test_every_operation_over_tls_with_least_rights(tls: TlsSetup) -> None
 
 async def test_daemon_redis_user_reaches_only_its_namespace(tls: TlsSetup) -> None:
     user = aioredis.Redis.from_url(
-        tls.redis.url(tls.redis_user, tls.redis_password), **tls.pki.redis_options()
+        tls.redis.url_as(tls.redis_user, tls.redis_password), **tls.pki.redis_options()
     )
     ns = tls.namespace
     async with user:
@@ -737,84 +738,6 @@ async def test_wrong_ca_fails_clearly_and_verify_is_on_by_default(
 # =================================================================================================
 
 
-class DaemonProcess:
-    """`python -m jlm run` in a subprocess, JSON logs in files."""
-
-    def __init__(self, env: dict[str, str], directory: Path) -> None:
-        self.out_path = directory / "stdout.log"
-        self.err_path = directory / "stderr.log"
-        self._out = self.out_path.open("wb")
-        self._err = self.err_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jlm", "run"],
-            env=env,
-            stdout=self._out,
-            stderr=self._err,
-            cwd=directory,
-        )
-        self.metrics_port: int | None = None
-
-    def logs(self) -> list[dict[str, Any]]:
-        lines = self.err_path.read_text(errors="replace").splitlines()
-        return [json.loads(ln) for ln in lines if ln.strip()]
-
-    async def wait_log(self, pattern: str, *, after: int = 0, timeout: float = 30) -> int:
-        """Wait for a log line matching `pattern` past the first `after` lines; its index."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            entries = self.logs()
-            for i, entry in enumerate(entries[after:], start=after):
-                if re.search(pattern, entry["msg"]):
-                    if self.metrics_port is None:
-                        self._find_port(entries)
-                    return i
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.text()}")
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"no log line matching {pattern!r}: {self.text()[-3000:]}")
-
-    def _find_port(self, entries: list[dict[str, Any]]) -> None:
-        for entry in entries:
-            m = re.search(r"metrics and health on http://[^:]+:(\d+)", entry["msg"])
-            if m:
-                self.metrics_port = int(m.group(1))
-
-    async def get(self, path: str) -> tuple[int, str]:
-        assert self.metrics_port is not None
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.metrics_port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        raw = await reader.read()
-        writer.close()
-        head, _, body = raw.partition(b"\r\n\r\n")
-        return int(head.split()[1]), body.decode()
-
-    async def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.metrics_port is not None and (await self.get("/readyz"))[0] == 200:
-                return
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"daemon not ready: {self.text()[-3000:]}")
-
-    async def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        for _ in range(300):
-            if self.proc.poll() is not None:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            self.proc.kill()
-        code = self.proc.wait(5)
-        self._out.close()
-        self._err.close()
-        return code
-
-    def text(self) -> str:
-        return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
-
-
 def base_env(**jlm: str) -> dict[str, str]:
     """A clean environment: no JLM_* or credentials of the test process leak in."""
     keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "VIRTUAL_ENV")}
@@ -855,7 +778,7 @@ class SecretSetup:
 
     @property
     def redis_url(self) -> str:
-        return self.redis.url(self.redis_user, self.redis_password)
+        return self.redis.url_as(self.redis_user, self.redis_password)
 
     @property
     def passwords(self) -> tuple[str, str]:
@@ -867,7 +790,9 @@ def secrets(
     make_settings: Callable[..., Settings], vhost: str, namespace: str, tmp_path: Path
 ) -> Iterator[SecretSetup]:
     password = secret("redis-pw")
-    server = RedisServer(tmp_path / "redis", acl=[daemon_acl("jlmd", password, namespace)])
+    server = RedisServer(
+        tmp_path / "redis", acl=[daemon_acl("jlmd", password, namespace)], default_user=False
+    )
     broker_user = new_user("daemon", **DAEMON_GRANTS)
     yield SecretSetup(server, "jlmd", password, broker_user, namespace, vhost, make_settings())
     server.stop()
@@ -888,18 +813,16 @@ async def test_passwords_never_leak_through_errors_and_reconnects(
     )
     broker_user = secrets.broker_user
     # The broker user does not exist yet: a login refused at start is a configuration error.
-    (tmp_path / "refused").mkdir()
-    refused = DaemonProcess(env, tmp_path / "refused")
-    await asyncio.to_thread(refused.proc.wait, 60)
-    assert await refused.stop() == 78
+    refused = DaemonProcess("refused", env, tmp_path).start()
+    assert await refused.wait_exit(60) == 78
     assert any(
         re.search(r"^cannot start: rabbitmq: login refused \(ACCESS_REFUSED\)", e["msg"])
         for e in refused.logs()
-    ), refused.text()
-    assert_hidden(refused.text(), *secrets.passwords)
+    ), refused.log_text()
+    assert_hidden(refused.log_text(), *secrets.passwords)
     add_shared_users([broker_user], secrets.vhost)
     # Redis does not exist yet: connection errors, waited out.
-    daemon = DaemonProcess(env, tmp_path)
+    daemon = DaemonProcess("daemon", env, tmp_path).start()
     try:
         await daemon.wait_log(r"^consuming jlm\.requests")
         await daemon.wait_log(r"^redis is down")
@@ -926,9 +849,9 @@ async def test_passwords_never_leak_through_errors_and_reconnects(
         for path in ("/healthz", "/readyz"):
             assert_hidden((await daemon.get(path))[1], *secrets.passwords)
     finally:
-        code = await daemon.stop()
+        code = await daemon.terminate()
     assert code == 0
-    assert_hidden(daemon.text(), *secrets.passwords)
+    assert_hidden(daemon.log_text(), *secrets.passwords)
     logged = " ".join(e["msg"] for e in daemon.logs())
     assert broker_user.name in logged  # the URL is named, its password replaced
     assert "***" in logged
@@ -959,7 +882,7 @@ async def test_passwords_from_files_never_leak(
         JLM_LOG_LEVEL="DEBUG",
         **where,
     )
-    daemon = DaemonProcess(env, tmp_path)
+    daemon = DaemonProcess("daemon", env, tmp_path).start()
     try:
         await daemon.wait_log(r"^consuming jlm\.requests")
         await daemon.wait_ready()
@@ -983,11 +906,12 @@ async def test_passwords_from_files_never_leak(
         assert checked["amqp_urls"] == [redact_url(secrets.amqp_url)]
         assert checked["redis_url"] == redact_url(secrets.redis_url)
     finally:
-        code = await daemon.stop()
+        code = await daemon.terminate()
     assert code == 0
-    assert_hidden(daemon.text(), *secrets.passwords)
+    assert_hidden(daemon.log_text(), *secrets.passwords)
 
 
+@pytest.mark.unit
 def test_check_config_and_config_errors_hide_passwords(tmp_path: Path) -> None:
     amqp_pw, redis_pw, other_pw = secret("a"), secret("r"), secret("o")
     urls = {
@@ -1016,6 +940,7 @@ def test_check_config_and_config_errors_hide_passwords(tmp_path: Path) -> None:
             assert_hidden(done.stdout + done.stderr, amqp_pw, redis_pw, other_pw)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "password",
     ["plain", "with:colon", "p@ss@word", "sl/ash", "pct%40enc", "comma,sep", "sp ace?#x"],
@@ -1034,6 +959,7 @@ def test_redact_url_hides_any_password(password: str) -> None:
     assert redact_url("amqp://guest@h/") == "amqp://guest@h/"
 
 
+@pytest.mark.unit
 def test_load_settings_reads_secret_files(tmp_path: Path) -> None:
     (tmp_path / "amqp_url").write_text("  amqp://u:p1@h/\n")
     (tmp_path / "redis_url").write_text("redis://u:p2@h/0\n")
@@ -1080,10 +1006,10 @@ LIMIT_BREAKERS: list[tuple[str, bytes, str]] = [
 async def test_rejected_requests_make_no_redis_call(
     make_settings: Callable[..., Settings], tmp_path: Path, namespace: str
 ) -> None:
-    server = RedisServer(tmp_path / "redis")
+    server = RedisServer(tmp_path / "redis", default_user=False)
     server.start()
     admin = server.admin()
-    settings = make_settings(JLM_REDIS_URL=server.url("admin", server.admin_password))
+    settings = make_settings(JLM_REDIS_URL=server.url_as("admin", server.admin_password))
     running = await start_daemon(settings)
     seen: list[str] = []
     try:

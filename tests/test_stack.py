@@ -10,8 +10,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
-from tests.conftest import start_daemon
 from tests.security_helpers import add_shared_users, delete_shared_users, deploy_user
+from tests.support.services import start_daemon
 from tests.test_worker import WorkerProcess, until
 
 from jlm.client import Client

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from jlm.systemd import Notifier, sanitize_status, watchdog_loop
 
+pytestmark = pytest.mark.unit
+
 pytestmark = pytest.mark.timeout(10)
 
 WATCHDOG = b"WATCHDOG=1"

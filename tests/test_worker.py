@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import random
 import signal
 import socket
@@ -22,7 +21,9 @@ import aio_pika
 import orjson
 import pytest
 from tests.amqp_helpers import read_stream
-from tests.conftest import RunningDaemon
+from tests.support.daemon import jlm_env, wait_exit
+from tests.support.ports import free_port
+from tests.support.services import RunningDaemon
 from tests.worker_handlers import key
 
 from jlm.client import Client
@@ -35,25 +36,17 @@ JOB_TYPE = "wtest"
 _WORKER = [sys.executable, "-m", "jlm", "worker"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JLM_")}
-    env.update(
-        {
-            "JLM_AMQP_URL": settings.amqp_url,
-            "JLM_REDIS_URL": settings.redis_url,
-            "JLM_REDIS_NAMESPACE": settings.redis_namespace,
+    return jlm_env(
+        settings.amqp_url,
+        settings.redis_url,
+        settings.redis_namespace,
+        **{
             "JLM_REDIS_CLUSTER": "true" if settings.redis_cluster else "false",
             "JLM_LOG_FORMAT": "text",
-        }
+            **extra,
+        },
     )
-    env.update(extra)
-    return env
 
 
 class WorkerProcess:
@@ -120,12 +113,7 @@ class WorkerProcess:
             self.proc.send_signal(signum)
 
     async def exited(self, timeout: float = 30) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"worker still running after {timeout}s")
-            await asyncio.sleep(0.02)
-        return self.proc.returncode
+        return await wait_exit(self.proc, timeout, "the worker")
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -6,8 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.cluster.rabbit_cluster import RabbitCluster, available
+from tests.cluster.rabbit_cluster import RabbitCluster
 from tests.cluster.summary import LINES
+from tests.support.rabbit_node import available
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -30,8 +30,8 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 from aiormq.exceptions import AMQPError
+from tests.support.requests import REQUESTS, request_message
 
-REQUESTS = "jlm.requests"
 _FAULTS = (AMQPError, OSError, RuntimeError, TimeoutError)
 
 
@@ -110,13 +110,11 @@ class FailoverPublisher:
     async def _publish(self, r: Request) -> None:
         assert self._exchange is not None
         await self._exchange.publish(
-            aio_pika.Message(
+            request_message(
                 r.body,
-                content_type="application/json",
                 message_id=r.message_id,
                 correlation_id=r.message_id,
                 reply_to=self._reply_queue,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             ),
             routing_key="manage",
             timeout=self.confirm_timeout,

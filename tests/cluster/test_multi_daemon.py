@@ -26,9 +26,9 @@ from tests.cluster.scopes import (
     manage_requests,
 )
 from tests.cluster.summary import LINES
-from tests.conftest import AMQP_BASE, REDIS_URL
-from tests.faults.daemons import DaemonProcess, daemon_env, metric
-from tests.faults.ledger import account, collect, queue_count, unequal_replies
+from tests.support.daemon import DaemonProcess, daemon_env, metric
+from tests.support.ledger import account, collect, queue_count, unequal_replies
+from tests.support.services import AMQP_BASE, REDIS_URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from tests.cluster.publisher import FailoverPublisher, wait_answers
-from tests.cluster.rabbit_cluster import MIRROR_POLICY, RabbitCluster, RabbitNode
+from tests.cluster.rabbit_cluster import MIRROR_POLICY, RabbitCluster
 from tests.cluster.scopes import (
     check_one_live_job_of_the_newest,
     check_stale_answers,
@@ -31,9 +31,10 @@ from tests.cluster.scopes import (
     manage_requests,
 )
 from tests.cluster.summary import LINES
-from tests.conftest import REDIS_URL
-from tests.faults.daemons import DaemonProcess, daemon_env
-from tests.faults.ledger import account, collect, queue_count, unequal_replies
+from tests.support.daemon import DaemonProcess, daemon_env
+from tests.support.ledger import account, collect, queue_count, unequal_replies
+from tests.support.rabbit_node import RabbitNode
+from tests.support.services import REDIS_URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from tests.conftest import AMQP_BASE, REDIS_URL, settings_factory
-from tests.faults.daemons import DaemonProcess, daemon_env
-from tests.faults.ledger import LINES
 from tests.faults.proxy import Proxy
-from tests.faults.servers import RedisClusterServers, RedisServer
+from tests.support.daemon import DaemonProcess, daemon_env
+from tests.support.ledger import LINES
+from tests.support.redis_server import RedisClusterServers, RedisServer
+from tests.support.services import AMQP_BASE, REDIS_URL, settings_factory
 
 from jlm.config import Settings
 
@@ -76,7 +76,7 @@ def own_redis(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield make
     for server in made:
         with contextlib.suppress(Exception):
-            server.stop()
+            server.kill()
 
 
 @pytest.fixture

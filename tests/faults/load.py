@@ -13,12 +13,7 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
-
-REQUESTS = "jlm.requests"
-
-
-def rfc3339(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+from tests.support.requests import REQUESTS, request_message, rfc3339
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +121,12 @@ class Publisher:
         assert self._channel is not None
         exchange = await self._channel.get_exchange(REQUESTS, ensure=False)
         await exchange.publish(
-            aio_pika.Message(
+            request_message(
                 body,
                 content_type=content_type,
                 message_id=message_id,
                 correlation_id=correlation_id,
                 reply_to=self._reply_queue,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 headers=headers,
                 user_id=user_id,
             ),

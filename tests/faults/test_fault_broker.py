@@ -16,12 +16,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
-from tests.conftest import AMQP_BASE
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import DaemonProcess, metric
-from tests.faults.ledger import account, collect, queue_count, unequal_replies
 from tests.faults.load import Publisher, manage_request
 from tests.faults.proxy import Proxy
+from tests.support.daemon import DaemonProcess, metric
+from tests.support.ledger import account, collect, queue_count, unequal_replies
+from tests.support.services import AMQP_BASE
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -15,7 +15,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
-from tests.faults.ledger import (
+from tests.faults.load import Publisher, manage_request
+from tests.support.ledger import (
     account,
     collect,
     drain,
@@ -24,7 +25,6 @@ from tests.faults.ledger import (
     stream_events,
     unequal_replies,
 )
-from tests.faults.load import Publisher, manage_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

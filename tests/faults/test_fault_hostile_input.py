@@ -23,7 +23,6 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, Phase, given, settings
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import metric
 from tests.faults.hostile import (
     JOB_TYPES,
     Case,
@@ -31,8 +30,9 @@ from tests.faults.hostile import (
     corpus,
     raw_fields,
 )
-from tests.faults.ledger import Accounting, drain, job_hashes, queue_count, request_records
 from tests.faults.load import Publisher
+from tests.support.daemon import metric
+from tests.support.ledger import Accounting, drain, job_hashes, queue_count, request_records
 
 from jlm.config import FileConfig, Settings, load_settings
 from jlm.errors import Disposition, JlmError

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import metric
-from tests.faults.ledger import Accounting, drain
 from tests.faults.load import Publisher
+from tests.support.daemon import metric
+from tests.support.ledger import Accounting, drain
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 

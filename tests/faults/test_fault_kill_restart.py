@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import DaemonProcess
-from tests.faults.ledger import account, collect, queue_count, unequal_replies
 from tests.faults.load import Publisher, Sent, manage_request, spread_times
+from tests.support.daemon import DaemonProcess
+from tests.support.ledger import account, collect, queue_count, unequal_replies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

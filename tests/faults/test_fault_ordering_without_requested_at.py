@@ -16,9 +16,9 @@ from collections import Counter
 import pytest
 import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import metric
-from tests.faults.ledger import drain, job_hashes, queue_count
 from tests.faults.load import Publisher, manage_request
+from tests.support.daemon import metric
+from tests.support.ledger import drain, job_hashes, queue_count
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

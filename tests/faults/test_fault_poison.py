@@ -12,10 +12,10 @@ import time
 
 import pytest
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import metric
 from tests.faults.hostile import TIMESTAMP_2_63, raw_fields
-from tests.faults.ledger import Accounting, drain, queue_count
 from tests.faults.load import Publisher
+from tests.support.daemon import metric
+from tests.support.ledger import Accounting, drain, queue_count
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

@@ -21,9 +21,9 @@ import aio_pika
 import pytest
 import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import DaemonProcess, metric
-from tests.faults.ledger import account, collect, drain, queue_count, stream_events
 from tests.faults.load import Publisher, manage_request
+from tests.support.daemon import DaemonProcess, metric
+from tests.support.ledger import account, collect, drain, queue_count, stream_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -17,10 +17,10 @@ from datetime import datetime
 import pytest
 import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import metric
-from tests.faults.ledger import account, collect, queue_count, unequal_replies
 from tests.faults.load import Publisher, manage_request
-from tests.faults.servers import RedisServer
+from tests.support.daemon import metric
+from tests.support.ledger import account, collect, queue_count, unequal_replies
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

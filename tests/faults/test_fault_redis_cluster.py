@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
-from tests.conftest import RunningDaemon
-from tests.faults.ledger import Accounting, job_hashes, request_records
-from tests.faults.servers import RedisClusterServers
+from tests.support.ledger import Accounting, job_hashes, request_records
+from tests.support.redis_server import RedisClusterServers
+from tests.support.services import RunningDaemon
 
 # The store's tests, collected again in this module under its cluster fixtures.
 from tests.test_daemon import (  # noqa: F401

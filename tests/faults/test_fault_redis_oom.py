@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import redis
 from tests.faults.conftest import DaemonFactory
-from tests.faults.daemons import metric
-from tests.faults.ledger import Accounting, drain, queue_count
 from tests.faults.load import Publisher
-from tests.faults.servers import RedisServer
+from tests.support.daemon import metric
+from tests.support.ledger import Accounting, drain, queue_count
+from tests.support.redis_server import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import orjson
 import pytest
 from tests.faults.conftest import DaemonFactory
-from tests.faults.ledger import Accounting, drain, stream_events
 from tests.faults.load import Publisher
+from tests.support.ledger import Accounting, drain, stream_events
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
-from tests.conftest import RunningDaemon, settings_factory, start_daemon
-from tests.faults.servers import RedisClusterServers
+from tests.support.redis_server import RedisClusterServers
+from tests.support.services import RunningDaemon, settings_factory, start_daemon
 from tests.test_worker import JOB_TYPE, Env, WorkerProcess, until
 
 # The worker scripts' tests, collected again in this module under its cluster fixtures.

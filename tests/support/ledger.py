@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractIncomingMessage
 from tests.amqp_helpers import events_on
 
-LINES: list[str] = []  # printed again in the terminal summary (see conftest.py)
+LINES: list[str] = []  # printed in the terminal summary (tests/faults/conftest.py)
 
 
 @dataclass
