@@ -80,6 +80,9 @@ FILE_KEYS = [
     Row("job_ttl", "60", 60, "0"),
     Row("default_result_ttl", "60", 60, "1.5"),
     Row("max_job_types", "5", 5, "0"),
+    Row("max_clock_skew", "60", 60.0, "-1"),
+    Row("dead_letter_max_bytes", "4096", 4096, "-1"),
+    Row("dead_letter_max_length_bytes", "65536", 65536, "0"),
     Row("job_types", '{ "a.b" = { policy = "skip" } }', {"a.b"}, '{ "bad:name" = {} }'),
     Row("auth", "{ enabled = true }", True, "{ enabled = true, users = { u = { x = 1 } } }"),
 ]
