@@ -419,7 +419,12 @@ class Service:
         file = self.settings.file
         if job_type not in file.job_types and job_type not in self._admitted:
             limit = file.max_job_types
-            if not await self._retry(broker, lambda: self.store.admit_job_type(job_type, limit)):
+            if not await self._retry(
+                broker,
+                lambda: self.store.admit_job_type(
+                    job_types=self.store.keys.job_types, job_type=job_type, limit=limit
+                ),
+            ):
                 raise UnknownJobType(
                     f"job type {job_type!r} is not configured, and {limit} unconfigured job "
                     "types (max_job_types) already have a queue"
