@@ -45,6 +45,7 @@ from jlm.protocol import (
     parse_request,
     request_digest,
 )
+from jlm.retry import RECONNECT_START, STEP_RETRY_START, Backoff, RareLog
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
 
@@ -101,7 +102,7 @@ class Service:
         # A unique name per broker session: redelivered requests republish once per session.
         self._session_ids: weakref.WeakKeyDictionary[Broker, str] = weakref.WeakKeyDictionary()
         self._unready_since: float | None = time.monotonic()
-        self._last_warning: dict[str, float] = {}
+        self._rare = RareLog(log)
         self._large_seen = False
         # Redis refused a write (or was down): readiness then also needs a write to pass.
         self._redis_check_writes = False
@@ -157,7 +158,7 @@ class Service:
                     return
 
     async def _sessions(self) -> None:
-        delay = 0.2
+        backoff = Backoff(RECONNECT_START, self.settings.retry_max_delay, healthy=SESSION_SETTLED)
         while not self.stopping.is_set():
             broker = Broker(self.settings, self.metrics)
             self._session_ids[broker] = uuid.uuid4().hex
@@ -171,8 +172,7 @@ class Service:
                 # but fails the topology (e.g. a classic queue whose cluster node is gone) would
                 # otherwise leave only "connected to ..." lines, with no reason.
                 self._warn_rarely("rabbitmq-session", "no broker session: %s", exc.message)
-                await self._sleep_unless_stopping(delay)
-                delay = min(delay * 2, self.settings.retry_max_delay)
+                await self._sleep_unless_stopping(backoff.next())
                 continue
             opened = time.monotonic()
             self.broker = broker
@@ -181,7 +181,7 @@ class Service:
             # After a session lost as soon as it opened, one request at a time: if a request
             # kills sessions (the AMQP library cannot decode it), only its own delivery count
             # grows, not that of every request prefetched with it.
-            probation = delay > 0.2
+            probation = backoff.raised
             await broker.consume(handler, prefetch=1 if probation else None)
             self._update_health()
             if not self.started.is_set():
@@ -201,13 +201,10 @@ class Service:
             self._dependency("rabbitmq", False, "connection lost; reconnecting")
             self._update_health()
             await broker.close()
-            if time.monotonic() - opened < SESSION_SETTLED:
+            if not backoff.settled(time.monotonic() - opened):
                 # Lost as soon as it opened (e.g. a request the AMQP library cannot decode, back
                 # at the head of the queue): back off, or it becomes a reconnect storm.
-                await self._sleep_unless_stopping(delay)
-                delay = min(delay * 2, self.settings.retry_max_delay)
-            else:
-                delay = 0.2
+                await self._sleep_unless_stopping(backoff.next())
 
     async def _session_ends(self, broker: Broker, within: float | None = None) -> bool:
         """Wait until stopping or the session is lost (True), or `within` seconds (False)."""
@@ -326,10 +323,7 @@ class Service:
         return since is None or time.monotonic() - since < self.settings.watchdog_unready_limit
 
     def _warn_rarely(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_warning.get(key, 0.0) >= 5.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
+        self._rare.warn_rarely(key, msg, *args)
 
     # -- one request -----------------------------------------------------------------------------
 
@@ -473,7 +467,7 @@ class Service:
 
     async def _retry(self, broker: Broker, step: Callable[[], Awaitable[T]]) -> T:
         """Run a step until it succeeds; a passing fault pauses this request, never acks it."""
-        delay = 0.05
+        backoff = Backoff(STEP_RETRY_START, self.settings.retry_max_delay)
         while True:
             if broker.closed.is_set():
                 raise SessionLost
@@ -486,8 +480,7 @@ class Service:
                     self._dependency("redis", False, exc.message)
                     self._update_health()
                 self._warn_rarely(exc.dependency, "waiting for %s: %s", exc.dependency, exc.message)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max_delay)
+                await asyncio.sleep(backoff.next())
 
     async def _reject(
         self,
