@@ -26,7 +26,7 @@ from jlm.protocol import (
     micros,
     parse_time,
 )
-from jlm.provenance import Event, manage_events, new_id, scope_of
+from jlm.provenance import Event, manage_events, new_id, rejected_event, scope_of
 from jlm.store import HISTORY_BOUND, Store
 
 
@@ -441,16 +441,5 @@ class Lifecycle:
     def rejected(self, op: str, error: JlmError, ctx: Context, body_size: int) -> Outcome:
         """The reply and `request.rejected` event of a request that can never succeed."""
         reply = error_reply(error.code, error.message)
-        event = Event(
-            new_id(),
-            "request.rejected",
-            "rejected",
-            iso(datetime.now(UTC)),
-            ctx.actor,
-            ctx.request_id,
-            None,
-            None,
-            {"operation": op[:128], "body_bytes": body_size},
-            reply,
-        )
+        event = rejected_event(op, reply, ctx.actor, ctx.request_id, body_size)
         return Outcome(reply, events=[event])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from jlm import __version__
 from jlm.facts import ManageFacts
-from jlm.protocol import ManageRequest
+from jlm.protocol import ManageRequest, iso
 
 AGENT = {"id": "job-lifecycle-manager", "version": __version__}
 
@@ -101,3 +102,21 @@ def manage_events(
         )
     )
     return events
+
+
+def rejected_event(
+    op: str, reply: dict[str, Any], actor: str | None, request_id: str, body_size: int
+) -> Event:
+    """The `request.rejected` event of a request that can never succeed."""
+    return Event(
+        new_id(),
+        "request.rejected",
+        "rejected",
+        iso(datetime.now(UTC)),
+        actor,
+        request_id,
+        None,
+        None,
+        {"operation": op[:128], "body_bytes": body_size},
+        reply,
+    )
