@@ -75,15 +75,19 @@ _PASSING_REPLY_CLASSES = (
 )
 
 
-# Scripts that record a decision start with the prelude `record.lua`.
+# Every script starts with `prelude.lua` (history notes, server time); the scripts that record a
+# decision with `record.lua` (lookup, replay, save) after it.
 RECORDING = ("manage", "cancel", "invalidate")
 
 
+def _lua_file(name: str) -> str:
+    return resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
 def load_lua(name: str) -> str:
-    text = resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    if name in RECORDING:
-        return load_lua("record") + text
-    return text
+    """A script's text as loaded: the preludes, then the script."""
+    preludes = ("prelude", "record") if name in RECORDING else ("prelude",)
+    return "".join(_lua_file(part) for part in (*preludes, name))
 
 
 def connect(
