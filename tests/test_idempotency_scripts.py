@@ -438,7 +438,7 @@ def _body(i: int, other: bool = False) -> dict[str, Any]:
     return manage(f"s{i % 2}", payload={"i": i, "other": other}, policy=policy)
 
 
-async def _interleave(settings: Settings, steps: list[tuple[str, int]]) -> None:
+async def _interleave(settings: Settings, steps: list[tuple[str, int]]) -> None:  # noqa: C901 a dispatcher of steps
     namespace = f"jlmp{uuid.uuid4().hex[:10]}"
     redis = aioredis.Redis.from_url(settings.redis_url)
     h = await _harness(settings, namespace, redis)

@@ -317,7 +317,7 @@ def test_any_interleaving_keeps_the_invariants(settings: Settings, ops: list[tup
     asyncio.run(_interleave(settings, ops))
 
 
-async def _interleave(settings: Settings, ops: list[tuple]) -> None:
+async def _interleave(settings: Settings, ops: list[tuple]) -> None:  # noqa: C901 a dispatcher of steps
     namespace = f"jlmp{uuid.uuid4().hex[:10]}"
     metrics = Metrics()
     keys = Keys(namespace)

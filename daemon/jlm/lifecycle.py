@@ -10,6 +10,7 @@ import orjson
 
 from jlm.config import Settings, UserGrant
 from jlm.errors import Forbidden, JlmError, NotFound, ReplyToForbidden, UnknownJobType
+from jlm.facts import Decision, ManageFacts
 from jlm.keys import Keys, new_job_id, scope_tag, tag_of_job
 from jlm.metrics import Metrics
 from jlm.protocol import (
@@ -25,8 +26,8 @@ from jlm.protocol import (
     micros,
     parse_time,
 )
-from jlm.provenance import Event, derived_id, new_id, scope_of
-from jlm.store import HISTORY_BOUND, Decision, Store, pairs_to_dict
+from jlm.provenance import Event, manage_events, new_id, rejected_event, scope_of
+from jlm.store import HISTORY_BOUND, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,104 +143,40 @@ class Lifecycle:
             raise UnknownJobType(f"job type {req.job_type!r} is not configured")
         policy = req.policy or jt.policy
         tag = scope_tag(req.cache_prefix, req.job_type)
-        job_id = new_job_id(tag)
-        now = datetime.now(UTC)
-        # Without requested_at the script stamps the request with the Redis server's time.
-        at_us = micros(parse_time(req.requested_at)) if req.requested_at else ""
-        k = self._keys
         record, binding, bind_here = await self._record_keys(tag, ctx)
-        decision = await self._store.decide(
-            "manage",
-            [
-                k.scope(tag, req.cache_prefix, req.job_type),
-                k.result(tag, req.cache_prefix, req.job_type),
-                record,
-                k.job(job_id),
-                k.history(job_id),
-                binding,
-            ],
-            [
-                policy,
-                job_id,
-                iso(now),
-                at_us,
-                int(req.cancel_running),
-                int(ctx.idempotent),
-                self._file.idempotency_ttl,
-                self._file.job_ttl,
-                k.job_prefix(tag),
-                req.job_type,
-                req.cache_prefix,
-                req.priority,
-                ctx.request_id,
-                new_id(),
-                self._channel,
-                HISTORY_BOUND,
-                ctx.digest,
-                bind_here,
-                ctx.redelivered_in,
-            ],
+        decision = await self._decide_manage(
+            req, ctx, policy=policy, tag=tag, record=record, binding=binding, bind_here=bind_here
         )
         f = decision.facts
-        enqueued = f["d"] == "enqueued"
         reply: dict[str, Any] = {
             "success": True,
-            "new_job_id": f["job"],
-            "stale_cancelled": bool(f.get("stale")),
-            "running_cancelled": bool(f.get("rc")),  # cancel_running stopped the running job
-            "cache_invalidated": bool(f.get("inv")),
-            "previous_job_id": f.get("prev"),
-            "provenance_id": f["pid"],
-            "deduplicated": not enqueued,
-            "state": f["state"],
+            "new_job_id": f.job_id,
+            "stale_cancelled": f.stale_cancelled,
+            "running_cancelled": f.running_cancelled,  # cancel_running stopped the running job
+            "cache_invalidated": f.cache_invalidated,
+            "previous_job_id": f.previous_job_id,
+            "provenance_id": f.provenance_id,
+            "deduplicated": not f.enqueued,
+            "state": f.state,
         }
-        if f.get("why") == "reuse":
+        if f.why == "reuse":
             # The record names the result's job; a replay reads the result again (null once gone).
             reply["result"] = None if decision.result is None else orjson.loads(decision.result)
         out = Outcome(reply, replayed=decision.replayed)
-        scope = scope_of(req.cache_prefix, req.job_type)
-        request_input = req.model_dump()
-        main = Event(
-            f["pid"],
-            "job.enqueued" if enqueued else "job.deduplicated",
-            f["state"],
-            f["at"],
-            ctx.actor,
-            ctx.request_id,
-            f["job"],
-            scope,
-            {**request_input, "policy": policy},
-            {**reply, "reason": f.get("why")},
+        out.events = manage_events(
+            f,
+            actor=ctx.actor,
+            request_id=ctx.request_id,
+            req=req,
+            request_input={**req.model_dump(), "policy": policy},
+            reply=reply,
         )
-        if f.get("sup"):
-            out.events.append(
-                Event(
-                    derived_id(f["pid"], "job.superseded"),
-                    "job.superseded",
-                    "cancelled" if f.get("stale") or f.get("rc") else "running",
-                    f["at"],
-                    ctx.actor,
-                    ctx.request_id,
-                    f["prev"],
-                    scope,
-                    {"superseded_by": f["job"], "cancel_running": req.cancel_running},
-                    {
-                        "previous_state": f.get("prev_state"),
-                        "cache_invalidated": bool(f.get("inv")),
-                    },
-                )
-            )
-        out.events.append(main)
-        if enqueued:
+        if f.enqueued:
             # Job id, priority and enqueued_at as recorded; the body is the recorded one too: the
             # record is bound to the digest of exactly this parsed body.
+            priority = req.priority if f.priority is None else f.priority
             out.job = JobMessage(
-                f["job"],
-                req.job_type,
-                req.cache_prefix,
-                req.payload,
-                int(f.get("pri", req.priority)),
-                f["at"],
+                f.job_id, req.job_type, req.cache_prefix, req.payload, priority, f.at
             )
             out.queue = self._file.queue_for(req.job_type)
         self._settle_replay(out, decision, record, ctx, job_live=decision.job_state == "pending")
@@ -247,23 +184,65 @@ class Lifecycle:
             self._count_manage(req, policy, f)
         return out
 
-    def _count_manage(self, req: ManageRequest, policy: str, f: dict[str, Any]) -> None:
+    async def _decide_manage(
+        self,
+        req: ManageRequest,
+        ctx: Context,
+        *,
+        policy: str,
+        tag: str,
+        record: str,
+        binding: str,
+        bind_here: bool,
+    ) -> Decision[ManageFacts]:
+        k = self._keys
+        job_id = new_job_id(tag)
+        return await self._store.manage(
+            scope=k.scope(tag, req.cache_prefix, req.job_type),
+            result=k.result(tag, req.cache_prefix, req.job_type),
+            record=record,
+            job=k.job(job_id),
+            history=k.history(job_id),
+            binding=binding,
+            policy=policy,
+            job_id=job_id,
+            now=iso(datetime.now(UTC)),
+            # Without requested_at the script stamps the request with the Redis server's time.
+            requested_at=micros(parse_time(req.requested_at)) if req.requested_at else "",
+            cancel_running=req.cancel_running,
+            record_request=ctx.idempotent,
+            idempotency_ttl=self._file.idempotency_ttl,
+            job_ttl=self._file.job_ttl,
+            job_prefix=k.job_prefix(tag),
+            job_type=req.job_type,
+            cache_prefix=req.cache_prefix,
+            priority=req.priority,
+            request_id=ctx.request_id,
+            provenance_id=new_id(),
+            cancel_channel=self._channel,
+            history_bound=HISTORY_BOUND,
+            digest=ctx.digest,
+            bind_here=bind_here,
+            session=ctx.redelivered_in,
+        )
+
+    def _count_manage(self, req: ManageRequest, policy: str, f: ManageFacts) -> None:
         m = self._m
         jt = m.job_type_label(req.job_type)
-        if f["d"] == "enqueued":
+        if f.enqueued:
             m.child(m.jobs_enqueued, jt, str(req.priority)).inc()
         else:
             m.child(m.jobs_deduplicated, jt, policy).inc()
-        if f.get("sup"):
+        if f.superseded:
             m.child(m.jobs_superseded, jt).inc()
-        if f.get("stale") or f.get("rc"):
+        if f.stale_cancelled or f.running_cancelled:
             m.child(m.jobs_cancelled, jt, "superseded").inc()
-        if f.get("inv"):
+        if f.cache_invalidated:
             m.child(m.cache_invalidations, jt).inc()
 
     # -- idempotency -----------------------------------------------------------------------------
 
-    async def _record_keys(self, tag: str, ctx: Context) -> tuple[str, str, int]:
+    async def _record_keys(self, tag: str, ctx: Context) -> tuple[str, str, bool]:
         """The request record and binding keys of a recording script, and its `bind here` flag.
 
         On one Redis the script binds the idempotency key itself (one round trip). On a Redis
@@ -271,16 +250,18 @@ class Lifecycle:
         crash before the decision is harmless, the same request passes the binding again."""
         k = self._keys
         if not ctx.idempotent:
-            return k.no_request(tag), k.no_request(tag), 0
+            return k.no_request(tag), k.no_request(tag), False
         record = k.request(tag, ctx.actor, ctx.request_id)
         binding = k.binding(ctx.actor, ctx.request_id)
         if self._settings.redis_cluster:
-            await self._store.bind(binding, ctx.digest, self._file.idempotency_ttl)
-            return record, k.no_request(tag), 0
-        return record, binding, 1
+            await self._store.bind(
+                binding=binding, digest=ctx.digest, ttl=self._file.idempotency_ttl
+            )
+            return record, k.no_request(tag), False
+        return record, binding, True
 
     def _settle_replay(
-        self, out: Outcome, decision: Decision, record: str, ctx: Context, *, job_live: bool
+        self, out: Outcome, decision: Decision[Any], record: str, ctx: Context, *, job_live: bool
     ) -> None:
         """What a decision publishes; a replay publishes nothing unless its delivery may be the
         decided one, never acked.
@@ -313,15 +294,12 @@ class Lifecycle:
     async def _read_job(self, job_id: str) -> tuple[dict[str, str], list[Any]]:
         if tag_of_job(job_id) is None:
             raise NotFound(f"no job {job_id[:80]!r}")
-        fields, history = await self._store.run(
-            "status",
-            [self._keys.job(job_id), self._keys.history(job_id)],
-            [],
+        read = await self._store.status(
+            job=self._keys.job(job_id), history=self._keys.history(job_id)
         )
-        job = pairs_to_dict(fields)
-        if not job:
+        if not read.fields:
             raise NotFound(f"no job {job_id!r} (unknown, or expired)")
-        return job, history
+        return read.fields, read.history
 
     async def cancel(self, req: CancelRequest, ctx: Context) -> Outcome:
         if self._file.auth.enabled:
@@ -332,52 +310,52 @@ class Lifecycle:
             raise NotFound(f"no job {req.job_id[:80]!r}")
         k = self._keys
         record, binding, bind_here = await self._record_keys(tag, ctx)
-        decision = await self._store.decide(
-            "cancel",
-            [k.job(req.job_id), k.history(req.job_id), record, binding],
-            [
-                int(req.running),
-                iso(datetime.now(UTC)),
-                int(ctx.idempotent),
-                self._file.idempotency_ttl,
-                new_id(),
-                self._channel,
-                req.job_id,
-                HISTORY_BOUND,
-                self._file.job_ttl,
-                ctx.digest,
-                bind_here,
-                ctx.redelivered_in,
-            ],
+        decision = await self._store.cancel(
+            job=k.job(req.job_id),
+            history=k.history(req.job_id),
+            record=record,
+            binding=binding,
+            running=req.running,
+            now=iso(datetime.now(UTC)),
+            record_request=ctx.idempotent,
+            idempotency_ttl=self._file.idempotency_ttl,
+            provenance_id=new_id(),
+            cancel_channel=self._channel,
+            job_id=req.job_id,
+            history_bound=HISTORY_BOUND,
+            job_ttl=self._file.job_ttl,
+            digest=ctx.digest,
+            bind_here=bind_here,
+            session=ctx.redelivered_in,
         )
         f = decision.facts
-        if f.get("nf"):
+        if f.not_found:
             raise NotFound(f"no job {req.job_id!r} (unknown, or expired)")
         reply = {
             "success": True,
             "job_id": req.job_id,
-            "cancelled": bool(f["cancelled"]),
-            "state": f["state"],
-            "provenance_id": f["pid"],
+            "cancelled": f.cancelled,
+            "state": f.state,
+            "provenance_id": f.provenance_id,
         }
         out = Outcome(reply, replayed=decision.replayed)
         out.events.append(
             Event(
-                f["pid"],
-                "job.cancelled" if f["cancelled"] else "job.cancel_declined",
-                f["state"],
-                f["at"],
+                f.provenance_id,
+                "job.cancelled" if f.cancelled else "job.cancel_declined",
+                f.state,
+                f.at,
                 ctx.actor,
                 ctx.request_id,
                 req.job_id,
-                scope_of(f.get("cache_prefix"), f.get("job_type")),
+                scope_of(f.cache_prefix, f.job_type),
                 req.model_dump(),
-                {**reply, "previous_state": f.get("prev_state")},
+                {**reply, "previous_state": f.previous_state},
             )
         )
         self._settle_replay(out, decision, record, ctx, job_live=False)
-        if f["cancelled"] and not decision.replayed:
-            jt = self._m.job_type_label(f.get("job_type") or "")
+        if f.cancelled and not decision.replayed:
+            jt = self._m.job_type_label(f.job_type or "")
             self._m.jobs_cancelled.labels(job_type=jt, reason="requested").inc()
         return out
 
@@ -407,57 +385,55 @@ class Lifecycle:
         tag = scope_tag(req.cache_prefix, req.job_type)
         k = self._keys
         record, binding, bind_here = await self._record_keys(tag, ctx)
-        decision = await self._store.decide(
-            "invalidate",
-            [k.result(tag, req.cache_prefix, req.job_type), record, binding],
-            [
-                int(ctx.idempotent),
-                self._file.idempotency_ttl,
-                new_id(),
-                iso(datetime.now(UTC)),
-                ctx.digest,
-                bind_here,
-                ctx.redelivered_in,
-            ],
+        decision = await self._store.invalidate(
+            result=k.result(tag, req.cache_prefix, req.job_type),
+            record=record,
+            binding=binding,
+            record_request=ctx.idempotent,
+            idempotency_ttl=self._file.idempotency_ttl,
+            provenance_id=new_id(),
+            now=iso(datetime.now(UTC)),
+            digest=ctx.digest,
+            bind_here=bind_here,
+            session=ctx.redelivered_in,
         )
         f = decision.facts
-        reply = {"success": True, "cache_invalidated": bool(f["inv"]), "provenance_id": f["pid"]}
+        inv = f.cache_invalidated
+        reply = {"success": True, "cache_invalidated": inv, "provenance_id": f.provenance_id}
         out = Outcome(reply, replayed=decision.replayed)
         out.events.append(
             Event(
-                f["pid"],
+                f.provenance_id,
                 "cache.invalidated",
-                "invalidated" if f["inv"] else "unchanged",
-                f["at"],
+                "invalidated" if inv else "unchanged",
+                f.at,
                 ctx.actor,
                 ctx.request_id,
-                f.get("job"),
+                f.job_id,
                 scope_of(req.cache_prefix, req.job_type),
                 req.model_dump(),
                 reply,
             )
         )
         self._settle_replay(out, decision, record, ctx, job_live=False)
-        if f["inv"] and not decision.replayed:
+        if inv and not decision.replayed:
             self._m.cache_invalidations.labels(job_type=self._m.job_type_label(req.job_type)).inc()
         return out
 
     async def result(self, req: ScopeRequest, ctx: Context) -> Outcome:
         tag = scope_tag(req.cache_prefix, req.job_type)
-        job_id, value, at = await self._store.run(
-            "result",
-            [self._keys.result(tag, req.cache_prefix, req.job_type)],
-            [],
+        cached = await self._store.result(
+            result=self._keys.result(tag, req.cache_prefix, req.job_type)
         )
-        cached = job_id is not None
+        hit = cached.job_id is not None
         reply: dict[str, Any] = {
             "success": True,
-            "cached": cached,
-            "job_id": job_id.decode() if cached else None,
-            "result": orjson.loads(value) if cached else None,
+            "cached": hit,
+            "job_id": cached.job_id,
+            "result": orjson.loads(cached.value) if hit else None,  # type: ignore[arg-type]
         }
-        if cached and at is not None:
-            reply["cached_at"] = at.decode()
+        if hit and cached.at is not None:
+            reply["cached_at"] = cached.at
         return Outcome(reply)
 
     # -- rejections ------------------------------------------------------------------------------
@@ -465,16 +441,5 @@ class Lifecycle:
     def rejected(self, op: str, error: JlmError, ctx: Context, body_size: int) -> Outcome:
         """The reply and `request.rejected` event of a request that can never succeed."""
         reply = error_reply(error.code, error.message)
-        event = Event(
-            new_id(),
-            "request.rejected",
-            "rejected",
-            iso(datetime.now(UTC)),
-            ctx.actor,
-            ctx.request_id,
-            None,
-            None,
-            {"operation": op[:128], "body_bytes": body_size},
-            reply,
-        )
+        event = rejected_event(op, reply, ctx.actor, ctx.request_id, body_size)
         return Outcome(reply, events=[event])

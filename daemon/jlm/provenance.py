@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from jlm import __version__
+from jlm.facts import ManageFacts
+from jlm.protocol import ManageRequest, iso
 
 AGENT = {"id": "job-lifecycle-manager", "version": __version__}
 
@@ -54,3 +57,66 @@ def scope_of(cache_prefix: str | None, job_type: str | None) -> dict[str, str] |
     if cache_prefix is None or job_type is None:
         return None
     return {"cache_prefix": cache_prefix, "job_type": job_type}
+
+
+def manage_events(
+    f: ManageFacts,
+    *,
+    actor: str | None,
+    request_id: str,
+    req: ManageRequest,
+    request_input: dict[str, Any],
+    reply: dict[str, Any],
+) -> list[Event]:
+    """The events of one manage decision: `job.superseded` (if it superseded a job), then
+    `job.enqueued` or `job.deduplicated`."""
+    scope = scope_of(req.cache_prefix, req.job_type)
+    events = []
+    if f.superseded:
+        events.append(
+            Event(
+                derived_id(f.provenance_id, "job.superseded"),
+                "job.superseded",
+                "cancelled" if f.stale_cancelled or f.running_cancelled else "running",
+                f.at,
+                actor,
+                request_id,
+                f.previous_job_id,
+                scope,
+                {"superseded_by": f.job_id, "cancel_running": req.cancel_running},
+                {"previous_state": f.previous_state, "cache_invalidated": f.cache_invalidated},
+            )
+        )
+    events.append(
+        Event(
+            f.provenance_id,
+            "job.enqueued" if f.enqueued else "job.deduplicated",
+            f.state,
+            f.at,
+            actor,
+            request_id,
+            f.job_id,
+            scope,
+            request_input,
+            {**reply, "reason": f.why},
+        )
+    )
+    return events
+
+
+def rejected_event(
+    op: str, reply: dict[str, Any], actor: str | None, request_id: str, body_size: int
+) -> Event:
+    """The `request.rejected` event of a request that can never succeed."""
+    return Event(
+        new_id(),
+        "request.rejected",
+        "rejected",
+        iso(datetime.now(UTC)),
+        actor,
+        request_id,
+        None,
+        None,
+        {"operation": op[:128], "body_bytes": body_size},
+        reply,
+    )

@@ -1,11 +1,10 @@
-"""The daemon: lifespan, consume, dispatch in per-scope lanes, retries, drain."""
+"""The daemon: lifespan, broker sessions, health, drain; each request goes to `dispatch`."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import ctypes.util
-import dataclasses
 import functools
 import logging
 import signal
@@ -16,46 +15,26 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
-from aio_pika.abc import AbstractIncomingMessage
-from aiormq.exceptions import AMQPError
 
 from jlm import __version__
-from jlm.amqp_transport import UNDECODABLE
 from jlm.broker import REQUESTS, Broker
-from jlm.config import OPERATIONS, Settings, redact_url
+from jlm.config import Settings, redact_url
+from jlm.dispatch import Dispatcher
 from jlm.errors import (
-    Disposition,
-    Internal,
-    InvalidRequest,
-    JlmError,
     Refused,
     Unavailable,
-    UnknownJobType,
 )
 from jlm.http_server import HttpServer
-from jlm.keys import Keys, scope_tag, tag_of_job
-from jlm.lifecycle import Context, Lifecycle, Outcome
+from jlm.keys import Keys
+from jlm.lifecycle import Lifecycle, Outcome
 from jlm.metrics import OTHER, HealthState, Metrics
-from jlm.protocol import (
-    MAX_ID_LEN,
-    CancelRequest,
-    ManageRequest,
-    Request,
-    StatusRequest,
-    parse_request,
-    request_digest,
-)
+from jlm.retry import RECONNECT_START, Backoff, RareLog
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SESSION_SETTLED = 10.0  # seconds: a broker session lost sooner failed (backoff, then prefetch 1)
-LARGE_BODY = 1024 * 1024  # bytes: after such a request the freed heap is given back (see _trim)
-
-
-class SessionLost(Exception):
-    """The AMQP session of a delivery is gone: its message will be redelivered, so stop."""
 
 
 class Service:
@@ -93,22 +72,22 @@ class Service:
         self.broker: Broker | None = None
         self.stopping = asyncio.Event()
         self.started = asyncio.Event()
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._handled = 0
-        self._idle.set()
-        self._lanes: dict[str, asyncio.Future[None]] = {}
         # A unique name per broker session: redelivered requests republish once per session.
         self._session_ids: weakref.WeakKeyDictionary[Broker, str] = weakref.WeakKeyDictionary()
         self._unready_since: float | None = time.monotonic()
-        self._last_warning: dict[str, float] = {}
-        self._large_seen = False
+        self._rare = RareLog(log)
         # Redis refused a write (or was down): readiness then also needs a write to pass.
         self._redis_check_writes = False
-        self._admitted: set[str] = set()  # unconfigured job types known to have a place
         self._other_queues = False  # some job queue's depth is reported as queue="other"
-        # Test hook: called after a decision is committed in Redis, before anything is published.
-        self.after_decision: Callable[[Outcome], Awaitable[None]] | None = None
+        self.requests = Dispatcher(
+            settings,
+            self.metrics,
+            self.store,
+            self.lifecycle,
+            rare=self._rare,
+            session_of=self._session_of,
+            on_redis_fault=self._redis_fault,
+        )
         for dep in ("redis", "rabbitmq"):
             self.metrics.dependency_up.labels(dependency=dep).set(0)
 
@@ -157,7 +136,7 @@ class Service:
                     return
 
     async def _sessions(self) -> None:
-        delay = 0.2
+        backoff = Backoff(RECONNECT_START, self.settings.retry_max_delay, healthy=SESSION_SETTLED)
         while not self.stopping.is_set():
             broker = Broker(self.settings, self.metrics)
             self._session_ids[broker] = uuid.uuid4().hex
@@ -171,17 +150,16 @@ class Service:
                 # but fails the topology (e.g. a classic queue whose cluster node is gone) would
                 # otherwise leave only "connected to ..." lines, with no reason.
                 self._warn_rarely("rabbitmq-session", "no broker session: %s", exc.message)
-                await self._sleep_unless_stopping(delay)
-                delay = min(delay * 2, self.settings.retry_max_delay)
+                await self._sleep_unless_stopping(backoff.next())
                 continue
             opened = time.monotonic()
             self.broker = broker
             self._dependency("rabbitmq", True)
-            handler = functools.partial(self._on_message, broker)
+            handler = functools.partial(self.requests.on_message, broker)
             # After a session lost as soon as it opened, one request at a time: if a request
             # kills sessions (the AMQP library cannot decode it), only its own delivery count
             # grows, not that of every request prefetched with it.
-            probation = delay > 0.2
+            probation = backoff.raised
             await broker.consume(handler, prefetch=1 if probation else None)
             self._update_health()
             if not self.started.is_set():
@@ -201,13 +179,10 @@ class Service:
             self._dependency("rabbitmq", False, "connection lost; reconnecting")
             self._update_health()
             await broker.close()
-            if time.monotonic() - opened < SESSION_SETTLED:
+            if not backoff.settled(time.monotonic() - opened):
                 # Lost as soon as it opened (e.g. a request the AMQP library cannot decode, back
                 # at the head of the queue): back off, or it becomes a reconnect storm.
-                await self._sleep_unless_stopping(delay)
-                delay = min(delay * 2, self.settings.retry_max_delay)
-            else:
-                delay = 0.2
+                await self._sleep_unless_stopping(backoff.next())
 
     async def _session_ends(self, broker: Broker, within: float | None = None) -> bool:
         """Wait until stopping or the session is lost (True), or `within` seconds (False)."""
@@ -222,17 +197,18 @@ class Service:
 
     async def _drain(self, broker: Broker) -> None:
         timeout = self.settings.shutdown_timeout
-        self.notifier.stopping(f"draining {self._inflight} in-flight requests")
+        self.notifier.stopping(f"draining {self.requests.inflight} in-flight requests")
         # Ask systemd for the drain's time (plus a margin for closing) beyond its stop timeout.
         self.notifier.extend_timeout(timeout + 5)
         await broker.stop_consuming()
         self._update_health()
-        log.info("draining: %d requests in flight, up to %.0fs", self._inflight, timeout)
+        log.info("draining: %d requests in flight, up to %.0fs", self.requests.inflight, timeout)
         with anyio.move_on_after(timeout) as scope:
-            await self._idle.wait()
+            await self.requests.idle.wait()
         if scope.cancelled_caught:
             log.warning(
-                "drain timed out with %d in flight; they will be redelivered", self._inflight
+                "drain timed out with %d in flight; they will be redelivered",
+                self.requests.inflight,
             )
         await broker.close()
 
@@ -260,13 +236,13 @@ class Service:
             self._update_health()
             if tick % 5 == 0:
                 self.notifier.status(
-                    f"{self._status_line()}; {self._handled} requests handled, "
-                    f"{self._inflight} in flight"
+                    f"{self._status_line()}; {self.requests.handled} requests handled, "
+                    f"{self.requests.inflight} in flight"
                 )
             if tick % 10 == 0 and self.broker is not None:
                 await self._sample_queues(self.broker)
-            if self._large_seen:
-                self._large_seen = False
+            if self.requests.large_seen:
+                self.requests.large_seen = False
                 _trim()
             tick += 1
             await anyio.sleep(1)
@@ -326,226 +302,32 @@ class Service:
         return since is None or time.monotonic() - since < self.settings.watchdog_unready_limit
 
     def _warn_rarely(self, key: str, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_warning.get(key, 0.0) >= 5.0:
-            self._last_warning[key] = now
-            log.warning(msg, *args)
+        self._rare.warn_rarely(key, msg, *args)
 
-    # -- one request -----------------------------------------------------------------------------
-
-    async def _on_message(self, broker: Broker, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
-        op = message.routing_key or ""
-        op_label = op if op in OPERATIONS else "unknown"
-        ctx = Context(
-            request_id=message.message_id or uuid.uuid4().hex,
-            idempotent=bool(message.message_id),
-            actor=message.user_id,
-            reply_to=message.reply_to,
-            redelivered_in=self._session_of(broker) if message.redelivered else "",
-        )
-        self._inflight += 1
-        self._idle.clear()
-        self.metrics.inflight.inc()
-        outcome_label = "ok"
-        try:
-            try:
-                undecodable = (message.headers or {}).get(UNDECODABLE)
-                if undecodable is not None:
-                    self.metrics.poison_messages.inc()
-                    raise InvalidRequest(
-                        "the request's AMQP properties cannot be decoded: " + str(undecodable)
-                    )
-                if len(ctx.request_id) > MAX_ID_LEN:
-                    raise InvalidRequest(f"message_id is longer than {MAX_ID_LEN} characters")
-                request = parse_request(op, message.body, self.settings.file.max_request_bytes)
-                self.lifecycle.validate(op, request, ctx)
-                if ctx.idempotent:
-                    digest = request_digest(op, ctx.actor, message.body)
-                    ctx = dataclasses.replace(ctx, digest=digest)
-            except JlmError as exc:
-                outcome_label = exc.outcome
-                await self._reject(broker, message, op, exc, ctx)
-                return
-            outcome = await self._decide_in_lane(broker, op, request, ctx)
-            if isinstance(outcome, JlmError):
-                outcome_label = outcome.outcome
-                if outcome.disposition is Disposition.DEAD_LETTER:
-                    await self._reject(broker, message, op, outcome, ctx)
-                else:
-                    await self._answer(
-                        broker,
-                        message,
-                        {
-                            "success": False,
-                            "error": {"code": outcome.code, "message": outcome.message},
-                        },
-                    )
-                return
-            confirmed: set[str] = set()  # what an earlier attempt got confirmed
-            await self._retry(
-                broker,
-                lambda: broker.publish_decision(
-                    outcome.job,
-                    outcome.queue,
-                    outcome.events,
-                    confirmed,
-                ),
-            )
-            self.lifecycle.published(outcome)
-            await self._answer(broker, message, outcome.reply)
-        except SessionLost:
-            outcome_label = "error"
-        finally:
-            if len(message.body) >= LARGE_BODY:
-                self._large_seen = True  # trimmed at the next tick, once this body is freed
-            self._inflight -= 1
-            self._handled += 1
-            self.metrics.inflight.dec()
-            if self._inflight == 0:
-                self._idle.set()
-            m = self.metrics
-            m.child(m.requests, op_label, outcome_label).inc()
-            m.child(m.request_duration, op_label).observe(time.perf_counter() - started)
-
-    async def _admit(self, broker: Broker, job_type: str) -> None:
-        """A job type's queue exists before its first decision.
-
-        An unconfigured job type first needs a place among the namespace's `max_job_types`
-        (UnknownJobType without one); a declaration the broker refuses is QueueRefused. Either
-        way the request is rejected before anything is written for it. Called in the request's
-        lane, so that the requests of a scope are still decided in delivery order.
-        """
-        file = self.settings.file
-        if job_type not in file.job_types and job_type not in self._admitted:
-            limit = file.max_job_types
-            if not await self._retry(broker, lambda: self.store.admit_job_type(job_type, limit)):
-                raise UnknownJobType(
-                    f"job type {job_type!r} is not configured, and {limit} unconfigured job "
-                    "types (max_job_types) already have a queue"
-                )
-            self._admitted.add(job_type)
-        queue = file.queue_for(job_type)
-        await self._retry(broker, lambda: broker.ensure_job_queue(queue, job_type))
-
-    async def _decide_in_lane(
-        self,
-        broker: Broker,
-        op: str,
-        request: Request,
-        ctx: Context,
-    ) -> Outcome | JlmError:
-        """Requests of one scope are decided one at a time, in delivery order."""
-        key = _lane_key(request)
-        previous = self._lanes.get(key)
-        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._lanes[key] = mine
-        try:
-            if previous is not None:
-                await asyncio.shield(previous)
-            try:
-                if isinstance(request, ManageRequest):
-                    await self._admit(broker, request.job_type)
-                outcome = await self._retry(broker, lambda: self.lifecycle.handle(op, request, ctx))
-            except SessionLost:
-                raise
-            except JlmError as exc:
-                return exc
-            except Exception as exc:
-                log.exception("internal error on %s request %s", op, ctx.request_id)
-                return Internal(f"internal error: {type(exc).__name__}")
-            if self.after_decision is not None:
-                await self.after_decision(outcome)
-            return outcome
-        finally:
-            mine.set_result(None)
-            if self._lanes.get(key) is mine:
-                del self._lanes[key]
+    def _redis_fault(self, why: str) -> None:
+        """A request met a passing Redis fault: readiness then also needs a write to pass."""
+        self._redis_check_writes = True
+        self._dependency("redis", False, why)
+        self._update_health()
 
     def _session_of(self, broker: Broker) -> str:
         """The unique name of a broker session (a fresh one if unknown: that republishes)."""
         return self._session_ids.get(broker) or uuid.uuid4().hex
 
-    async def _retry(self, broker: Broker, step: Callable[[], Awaitable[T]]) -> T:
-        """Run a step until it succeeds; a passing fault pauses this request, never acks it."""
-        delay = 0.05
-        while True:
-            if broker.closed.is_set():
-                raise SessionLost
-            try:
-                return await step()
-            except Unavailable as exc:
-                self.metrics.retries.labels(dependency=exc.dependency).inc()
-                if exc.dependency == "redis":
-                    self._redis_check_writes = True
-                    self._dependency("redis", False, exc.message)
-                    self._update_health()
-                self._warn_rarely(exc.dependency, "waiting for %s: %s", exc.dependency, exc.message)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.retry_max_delay)
+    @property
+    def after_decision(self) -> Callable[[Outcome], Awaitable[None]] | None:
+        """Test hook: called after a decision is committed in Redis, before anything is
+        published."""
+        return self.requests.after_decision
 
-    async def _reject(
-        self,
-        broker: Broker,
-        message: AbstractIncomingMessage,
-        op: str,
-        error: JlmError,
-        ctx: Context,
-    ) -> None:
-        self._warn_rarely(
-            "reject:" + error.code,
-            "rejected %s request %s: %s: %s",
-            op[:64] or "(no operation)",
-            ctx.request_id[:64],
-            error.code,
-            error.message[:300],
-        )
-        outcome = self.lifecycle.rejected(op, error, ctx, len(message.body))
-
-        confirmed: set[str] = set()
-        dead_lettered = False
-
-        async def publish() -> None:
-            nonlocal dead_lettered
-            if not dead_lettered:
-                await broker.dead_letter(message, error.code, error.message)
-                dead_lettered = True
-            await broker.publish_decision(None, None, outcome.events, confirmed)
-
-        await self._retry(broker, publish)
-        self.metrics.dead_lettered.labels(code=error.code).inc()
-        # Never a reply to a queue outside the caller's grant, whatever else was wrong.
-        send = error.replies and self.lifecycle.reply_allowed(ctx)
-        await self._answer(broker, message, outcome.reply, send_reply=send)
-
-    async def _answer(
-        self,
-        broker: Broker,
-        message: AbstractIncomingMessage,
-        reply: dict[str, Any],
-        *,
-        send_reply: bool = True,
-    ) -> None:
-        if message.reply_to and send_reply:
-            await broker.reply(message.reply_to, message.correlation_id, reply)
-        try:
-            await broker.ack(message)
-        except (AMQPError, OSError, RuntimeError) as exc:
-            # The channel of this delivery is gone; the broker redelivers it and the
-            # recorded decision is replayed. Never ack on another channel.
-            log.info("ack lost with its channel (%s); the request will be replayed", exc)
-            raise SessionLost from exc
+    @after_decision.setter
+    def after_decision(self, hook: Callable[[Outcome], Awaitable[None]] | None) -> None:
+        self.requests.after_decision = hook
 
 
 def _job_type_of(queue: str) -> str:
     """The job type of an unconfigured type's queue (`jlm.jobs.<job_type>`)."""
     return queue.removeprefix("jlm.jobs.")
-
-
-def _lane_key(request: Request) -> str:
-    if isinstance(request, CancelRequest | StatusRequest):
-        return tag_of_job(request.job_id) or "-"
-    return scope_tag(request.cache_prefix, request.job_type)
 
 
 def _libc_trim() -> Callable[[], None]:

@@ -7,9 +7,8 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
@@ -28,6 +27,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from jlm.errors import IdempotencyConflict, Unavailable
+from jlm.facts import (
+    CachedResult,
+    CancelFacts,
+    Decision,
+    InvalidateFacts,
+    JobRecord,
+    ManageFacts,
+)
 from jlm.keys import Keys
 from jlm.metrics import Metrics
 
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 # rather than waiting; `Store` holds its calls to this many at once.
 MAX_CONNECTIONS = 64
 RedisClient = aioredis.Redis | RedisCluster
+F = TypeVar("F")
 
 # Errors that mean "Redis is not there right now": the request waits and is retried.
 _PASSING = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -67,15 +75,19 @@ _PASSING_REPLY_CLASSES = (
 )
 
 
-# Scripts that record a decision start with the prelude `record.lua`.
+# Every script starts with `prelude.lua` (history notes, server time); the scripts that record a
+# decision with `record.lua` (lookup, replay, save) after it.
 RECORDING = ("manage", "cancel", "invalidate")
 
 
+def _lua_file(name: str) -> str:
+    return resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
 def load_lua(name: str) -> str:
-    text = resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-    if name in RECORDING:
-        return load_lua("record") + text
-    return text
+    """A script's text as loaded: the preludes, then the script."""
+    preludes = ("prelude", "record") if name in RECORDING else ("prelude",)
+    return "".join(_lua_file(part) for part in (*preludes, name))
 
 
 def connect(
@@ -111,21 +123,6 @@ def connect(
     if cluster:
         return RedisCluster.from_url(url, **opts)
     return aioredis.Redis.from_url(url, **opts)
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What a script decided: its facts, and whether they were a replay of an earlier decision.
-
-    `result` is the cached result a `reuse` hit answers with (read afresh on a replay, None once
-    gone). On a replay, `job_state` is the decided job's state now and `republish` tells this
-    delivery to publish the decision's job and events again (see lua/record.lua)."""
-
-    replayed: bool
-    facts: dict[str, Any]
-    result: bytes | None = None
-    job_state: str | None = None
-    republish: bool = False
 
 
 class Store:
@@ -182,10 +179,6 @@ class Store:
             self._timers[name].observe(time.perf_counter() - started)
         return result
 
-    async def admit_job_type(self, job_type: str, limit: int) -> bool:
-        """Whether an unconfigured job type may have a queue (at most `limit` per namespace)."""
-        return bool(await self.run("admit_job_type", [self.keys.job_types], [job_type, limit]))
-
     async def ping_write(self) -> None:
         """A write Redis may refuse while it stays reachable (out of memory, MISCONF, ...).
 
@@ -200,7 +193,9 @@ class Store:
                 raise
             raise passing from exc
 
-    async def decide(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Decision:
+    async def decide(
+        self, name: str, keys: Sequence[str], args: Sequence[Any]
+    ) -> Decision[dict[str, Any]]:
         """Run a recording script; IdempotencyConflict when its key is bound to another request."""
         status, facts, *rest = await self.run(name, keys, args)
         if status == 2:
@@ -217,8 +212,156 @@ class Store:
             republish=bool(republish),
         )
 
-    async def bind(self, binding: str, digest: str, ttl: int) -> None:
-        """Bind an idempotency key in its own slot (Redis Cluster): IdempotencyConflict if taken."""
+    # -- one typed call per script: keyword arguments in the script header's KEYS, ARGV order --
+
+    async def manage(
+        self,
+        *,
+        scope: str,
+        result: str,
+        record: str,
+        job: str,
+        history: str,
+        binding: str,
+        policy: str,
+        job_id: str,
+        now: str,
+        requested_at: int | str,
+        cancel_running: bool,
+        record_request: bool,
+        idempotency_ttl: int,
+        job_ttl: int,
+        job_prefix: str,
+        job_type: str,
+        cache_prefix: str,
+        priority: int,
+        request_id: str,
+        provenance_id: str,
+        cancel_channel: str,
+        history_bound: int,
+        digest: str,
+        bind_here: bool,
+        session: str,
+    ) -> Decision[ManageFacts]:
+        """manage.lua: one decision for one dedup scope."""
+        d = await self.decide(
+            "manage",
+            [scope, result, record, job, history, binding],
+            [
+                policy,
+                job_id,
+                now,
+                requested_at,
+                int(cancel_running),
+                int(record_request),
+                idempotency_ttl,
+                job_ttl,
+                job_prefix,
+                job_type,
+                cache_prefix,
+                priority,
+                request_id,
+                provenance_id,
+                cancel_channel,
+                history_bound,
+                digest,
+                int(bind_here),
+                session,
+            ],
+        )
+        return _typed(d, ManageFacts.decode(d.facts))
+
+    async def cancel(
+        self,
+        *,
+        job: str,
+        history: str,
+        record: str,
+        binding: str,
+        running: bool,
+        now: str,
+        record_request: bool,
+        idempotency_ttl: int,
+        provenance_id: str,
+        cancel_channel: str,
+        job_id: str,
+        history_bound: int,
+        job_ttl: int,
+        digest: str,
+        bind_here: bool,
+        session: str,
+    ) -> Decision[CancelFacts]:
+        """cancel.lua: cancel one job by id."""
+        d = await self.decide(
+            "cancel",
+            [job, history, record, binding],
+            [
+                int(running),
+                now,
+                int(record_request),
+                idempotency_ttl,
+                provenance_id,
+                cancel_channel,
+                job_id,
+                history_bound,
+                job_ttl,
+                digest,
+                int(bind_here),
+                session,
+            ],
+        )
+        return _typed(d, CancelFacts.decode(d.facts))
+
+    async def invalidate(
+        self,
+        *,
+        result: str,
+        record: str,
+        binding: str,
+        record_request: bool,
+        idempotency_ttl: int,
+        provenance_id: str,
+        now: str,
+        digest: str,
+        bind_here: bool,
+        session: str,
+    ) -> Decision[InvalidateFacts]:
+        """invalidate.lua: drop a scope's cached result."""
+        d = await self.decide(
+            "invalidate",
+            [result, record, binding],
+            [
+                int(record_request),
+                idempotency_ttl,
+                provenance_id,
+                now,
+                digest,
+                int(bind_here),
+                session,
+            ],
+        )
+        return _typed(d, InvalidateFacts.decode(d.facts))
+
+    async def status(self, *, job: str, history: str) -> JobRecord:
+        """status.lua: one consistent read of a job and its history."""
+        fields, entries = await self.run("status", [job, history], [])
+        return JobRecord(pairs_to_dict(fields), entries)
+
+    async def result(self, *, result: str) -> CachedResult:
+        """result.lua: a scope's cached result."""
+        job_id, value, at = await self.run("result", [result], [])
+        if job_id is None:
+            return CachedResult(None, None, None)
+        return CachedResult(job_id.decode(), value, None if at is None else at.decode())
+
+    async def admit_job_type(self, *, job_types: str, job_type: str, limit: int) -> bool:
+        """admit_job_type.lua: whether an unconfigured job type may have a queue (at most
+        `limit` per namespace)."""
+        return bool(await self.run("admit_job_type", [job_types], [job_type, limit]))
+
+    async def bind(self, *, binding: str, digest: str, ttl: int) -> None:
+        """bind.lua: bind an idempotency key in its own slot (Redis Cluster); IdempotencyConflict
+        if taken."""
         if not await self.run("bind", [binding], [digest, ttl]):
             raise IdempotencyConflict(
                 "this message_id was used for another request (operation, scope or body); "
@@ -285,6 +428,10 @@ def _passing(exc: BaseException) -> Unavailable | None:
             return Unavailable(f"redis: {exc}", "redis")
         return None
     return Unavailable(f"redis: {type(exc).__name__}: {exc}", "redis")
+
+
+def _typed(d: Decision[Any], facts: F) -> Decision[F]:
+    return Decision(d.replayed, facts, d.result, d.job_state, d.republish)
 
 
 def pairs_to_dict(flat: list[Any]) -> dict[str, str]:

@@ -31,6 +31,7 @@ from jlm.http_server import HttpServer
 from jlm.keys import Keys
 from jlm.metrics import HealthState, Metrics
 from jlm.provenance import Event
+from jlm.retry import RECONNECT_START, STEP_RETRY_START, Backoff, RareLog
 from jlm.store import RedisClient, Store, connect
 from jlm.worker_broker import QueueMissing, WorkerBroker
 from jlm.worker_job import (
@@ -106,7 +107,7 @@ class Worker:
         self._active: dict[str, Active] = {}
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._recent_cancels: OrderedDict[str, None] = OrderedDict()
-        self._last_warning: dict[str, float] = {}
+        self._rare = RareLog(log)
         self._deps = Deps(
             settings=settings,
             store=self._store,
@@ -174,7 +175,7 @@ class Worker:
     async def _open_when_queue_exists(self, broker: WorkerBroker) -> WorkerBroker:
         """Open the first session; while the job queue does not exist (a broker user without
         configure permission, started before the daemon), wait for it instead of exiting."""
-        delay = 0.2
+        backoff = Backoff(RECONNECT_START, self.settings.retry_max_delay)
         while True:
             try:
                 await broker.open()
@@ -182,8 +183,7 @@ class Worker:
             except QueueMissing as exc:
                 self.health.set("queue", False)
                 self._warn_rarely("queue", "waiting: %s", exc.message)
-            await first_of(self._stopping.wait(), asyncio.sleep(delay))
-            delay = min(delay * 2, self.settings.retry_max_delay)
+            await first_of(self._stopping.wait(), asyncio.sleep(backoff.next()))
             if self._stopping.is_set():
                 return broker
             broker = self._new_broker()
@@ -194,7 +194,7 @@ class Worker:
 
     async def _sessions(self, broker: WorkerBroker) -> None:
         """One AMQP session after another until stopping; running handlers outlive a session."""
-        delay = 0.2
+        backoff = Backoff(RECONNECT_START, self.settings.retry_max_delay)
         while True:
             self._broker = broker
             try:
@@ -222,11 +222,10 @@ class Worker:
                     break
                 except Unavailable as exc:
                     self._warn_rarely("rabbitmq", "waiting for rabbitmq: %s", exc.message)
-                    await first_of(self._stopping.wait(), asyncio.sleep(delay))
-                    delay = min(delay * 2, self.settings.retry_max_delay)
+                    await first_of(self._stopping.wait(), asyncio.sleep(backoff.next()))
                     if self._stopping.is_set():
                         return
-            delay = 0.2
+            backoff.reset()
 
     def _set_consuming(self, up: bool) -> None:
         if up:
@@ -380,7 +379,7 @@ class Worker:
         plain connection to one node is enough: the configured node first, and when the
         subscription fails, the next node the cluster client knows, at once; the retry delay
         grows after a whole round of nodes failed."""
-        delay = 0.2
+        backoff = Backoff(RECONNECT_START, self.settings.retry_max_delay)
         tried = 0
         url = self.settings.redis_url
         while True:
@@ -389,7 +388,8 @@ class Worker:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self._keys.cancel_channel)
                     self.health.set("redis", True)
-                    delay, tried = 0.2, 0
+                    backoff.reset()
+                    tried = 0
                     if url != self.settings.redis_url:
                         log.info("cancel channel: subscribed on %s", redact_url(url))
                     for active in list(self._active.values()):
@@ -407,8 +407,7 @@ class Worker:
                 tried += 1
                 if tried >= len(urls):
                     tried = 0
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.settings.retry_max_delay)
+                    await asyncio.sleep(backoff.next())
             finally:
                 await client.aclose()
 
@@ -450,7 +449,7 @@ class Worker:
 
     async def _publish(self, action: Callable[[WorkerBroker], Awaitable[None]], what: str) -> bool:
         """Publish on the current session, waiting out a reconnection; False if given up at exit."""
-        delay = 0.05
+        backoff = Backoff(STEP_RETRY_START, self.settings.retry_max_delay)
         while True:
             broker = self._broker
             try:
@@ -463,8 +462,7 @@ class Worker:
                     log.error("%s not published: %s", what, exc.message)
                     return False
                 self._warn_rarely("publish", "waiting to publish: %s", exc.message)
-            await first_of(self._give_up.wait(), asyncio.sleep(delay))
-            delay = min(delay * 2, self.settings.retry_max_delay)
+            await first_of(self._give_up.wait(), asyncio.sleep(backoff.next()))
 
     async def _emit(self, event: Event) -> None:
         await self._publish(lambda b: b.publish_event(event), f"event {event.type}")
@@ -476,10 +474,7 @@ class Worker:
         )
 
     def _warn_rarely(self, key: str, text: str, arg: str) -> None:
-        t = time.monotonic()
-        if t - self._last_warning.get(key, 0.0) >= 5.0:
-            self._last_warning[key] = t
-            log.warning(text, redact_url(arg)[:300])
+        self._rare.warn_rarely(key, text, redact_url(arg)[:300])
 
 
 async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False) -> None:

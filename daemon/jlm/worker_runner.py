@@ -17,6 +17,7 @@ from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.provenance import Event
+from jlm.retry import STEP_RETRY_START, Backoff
 from jlm.worker_job import Active, Handler, ReceivedJob, now, worker_event
 from jlm.worker_store import Facts, Outcome, WorkerStore
 
@@ -300,7 +301,7 @@ class JobRunner:
 
 
 async def retry_redis(d: Deps, call: Callable[[], Awaitable[T]]) -> T | None:
-    delay = 0.05
+    backoff = Backoff(STEP_RETRY_START, d.settings.retry_max_delay)
     while True:
         try:
             return await call()
@@ -309,8 +310,7 @@ async def retry_redis(d: Deps, call: Callable[[], Awaitable[T]]) -> T | None:
                 log.error("redis unavailable at exit: %s", exc.message)
                 return None
             d.warn("redis", "waiting for redis: %s", exc.message)
-            await first_of(d.give_up.wait(), asyncio.sleep(delay))
-            delay = min(delay * 2, d.settings.retry_max_delay)
+            await first_of(d.give_up.wait(), asyncio.sleep(backoff.next()))
 
 
 async def beat(d: Deps, active: Active) -> bool:

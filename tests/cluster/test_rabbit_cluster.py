@@ -63,7 +63,7 @@ async def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.mark.parametrize("fault", ["kill-9", "stop_app"])
-async def test_daemons_fail_over_when_their_node_dies(
+async def test_daemons_fail_over_when_their_node_dies(  # noqa: C901 one scenario, told in order
     fault: str,
     rabbit_cluster: RabbitCluster,
     redis_client: aioredis.Redis,

@@ -7,11 +7,13 @@
 --
 -- Returns 1 when the type is (or now is) admitted, 0 when the set is full without it.
 
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then
+local job_type, max_job_types = ARGV[1], tonumber(ARGV[2])
+
+if redis.call('SISMEMBER', KEYS[1], job_type) == 1 then
   return 1
 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+if redis.call('SCARD', KEYS[1]) >= max_job_types then
   return 0
 end
-redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[1], job_type)
 return 1

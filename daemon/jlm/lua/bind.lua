@@ -7,9 +7,11 @@
 -- Returns 1 when the key is bound to this request (now or before), 0 when it is bound to another
 -- (nothing is written then).
 
+local digest, ttl = ARGV[1], ARGV[2]
+
 local bound = redis.call('GET', KEYS[1])
 if bound then
-  return bound == ARGV[1] and 1 or 0
+  return bound == digest and 1 or 0
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[1], digest, 'EX', ttl)
 return 1

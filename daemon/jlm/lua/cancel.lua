@@ -1,4 +1,4 @@
--- cancel.lua: cancel one job by id, atomically (after the prelude record.lua).
+-- cancel.lua: cancel one job by id, atomically (after prelude.lua, record.lua).
 --
 -- KEYS[1]  job hash
 -- KEYS[2]  job history list
@@ -23,13 +23,13 @@
 -- object: nf (no such job; nothing is written), cancelled, state (after), prev_state, job_type,
 -- cache_prefix, at, pid.
 
-if ARGV[3] == '1' then
-  local seen, facts, ok = lookup(KEYS[4], KEYS[3], ARGV[10], ARGV[11])
-  if seen == 'conflict' then
-    return {2, ''}
-  elseif seen == 'replay' then
-    return {1, facts, false, false, take_republish(KEYS[3], ok, ARGV[12])}
-  end
+local running, now, record_it, idem_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local pid, channel, job_id, bound, job_ttl = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local digest, bind, session = ARGV[10], ARGV[11], ARGV[12]
+
+local replay = recorded(record_it, KEYS[4], KEYS[3], digest, bind, session)
+if replay then
+  return replay
 end
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'job_type', 'cache_prefix')
@@ -37,26 +37,23 @@ if not j[1] then
   return {0, cjson.encode({nf = true})}
 end
 
-local now = ARGV[2]
-local f = {at = now, pid = ARGV[5], prev_state = j[1], job_type = j[2], cache_prefix = j[3]}
+local f = {at = now, pid = pid, prev_state = j[1], job_type = j[2], cache_prefix = j[3]}
 local state = j[1]
-if state == 'pending' or (state == 'running' and ARGV[1] == '1') then
+if state == 'pending' or (state == 'running' and running == '1') then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', now, 'cancel_reason', 'requested')
   if state == 'running' then
     redis.call('HSET', KEYS[1], 'cancel_requested', now)
-    redis.call('PUBLISH', ARGV[6], ARGV[7])
+    redis.call('PUBLISH', channel, job_id)
   end
-  redis.call('RPUSH', KEYS[2], cjson.encode({state = 'cancelled', at = now, reason = 'cancelled'}))
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
-  redis.call('EXPIRE', KEYS[1], ARGV[9])
-  redis.call('EXPIRE', KEYS[2], ARGV[9])
+  note(KEYS[2], 'cancelled', now, 'cancelled', bound, job_ttl)
+  redis.call('EXPIRE', KEYS[1], job_ttl)
   f.cancelled, f.state = true, 'cancelled'
 else
   f.cancelled, f.state = false, state
 end
 
 local facts = cjson.encode(f)
-if ARGV[3] == '1' then
-  save(KEYS[4], KEYS[3], ARGV[10], ARGV[11], facts, ARGV[4])
+if record_it == '1' then
+  save(KEYS[4], KEYS[3], digest, bind, facts, idem_ttl)
 end
 return {0, facts}

@@ -22,6 +22,15 @@
 --            job was superseded meanwhile (state cancelled)
 -- and job_type, cache_prefix, priority, request_id, attempt, superseded_by of the job when known.
 
+local owner, now, lease_ms, max_attempts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local bound, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+-- A history entry (prelude.lua), the job's TTL renewed with it.
+local function job_note(st, reason)
+  note(KEYS[2], st, now, reason, bound, ttl)
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+
 local j = redis.call('HMGET', KEYS[1], 'state', 'job_type', 'cache_prefix', 'priority',
   'request_id', 'attempt', 'owner', 'lease_until', 'superseded_by', 'claim')
 local state = j[1]
@@ -29,21 +38,11 @@ if not state then
   return cjson.encode({o = 'skip', reason = 'unknown', state = 'unknown'})
 end
 
-local now = ARGV[2]
-local bound, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
 local attempt = tonumber(j[6] or '0')
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local _, now_ms = server_time()
 local f = {state = state, job_type = j[2] or nil, cache_prefix = j[3] or nil,
   priority = tonumber(j[4] or '5'), request_id = j[5] or nil, attempt = attempt,
   superseded_by = j[9] or nil}
-
-local function note(st, reason)
-  redis.call('RPUSH', KEYS[2], cjson.encode({state = st, at = now, reason = reason}))
-  redis.call('LTRIM', KEYS[2], -bound, -1)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[1], ttl)
-end
 
 local function skip(reason)
   f.o, f.reason = 'skip', reason
@@ -71,15 +70,15 @@ elseif state == 'running' then
     redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_reason', 'superseded',
       'updated_at', now)
     redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
-    note('cancelled', lost .. '; superseded by ' .. j[9] .. ', not run again')
+    job_note('cancelled', lost .. '; superseded by ' .. j[9] .. ', not run again')
     f.o, f.state = 'lost', 'cancelled'
     return cjson.encode(f)
   end
-  if attempt >= tonumber(ARGV[4]) then
+  if attempt >= tonumber(max_attempts) then
     redis.call('HSET', KEYS[1], 'state', 'failed', 'error', 'worker lost', 'updated_at', now,
       'finished_at', now)
     redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
-    note('failed', lost .. ' after attempt ' .. attempt .. ' of ' .. ARGV[4])
+    job_note('failed', lost .. ' after attempt ' .. attempt .. ' of ' .. max_attempts)
     f.o, f.state = 'lost', 'failed'
     return cjson.encode(f)
   end
@@ -90,15 +89,15 @@ end
 
 attempt = attempt + 1
 local claim = tonumber(j[10] or '0') + 1
-local lease_until = now_ms + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[1], 'claim', claim,
+local lease_until = now_ms + tonumber(lease_ms)
+redis.call('HSET', KEYS[1], 'state', 'running', 'owner', owner, 'claim', claim,
   'lease_until', lease_until, 'attempt', attempt, 'started_at', now, 'updated_at', now)
 redis.call('HDEL', KEYS[1], 'error')
-local why = 'claimed by ' .. ARGV[1] .. ' (attempt ' .. attempt .. ')'
+local why = 'claimed by ' .. owner .. ' (attempt ' .. attempt .. ')'
 if recovered then
   why = why .. '; worker ' .. tostring(j[7]) .. ' lost'
 end
-note('running', why)
+job_note('running', why)
 f.o, f.state, f.attempt, f.claim = 'claimed', 'running', attempt, claim
 f.lease_until, f.recovered = lease_until, recovered
 return cjson.encode(f)

@@ -28,25 +28,25 @@
 --   o = refused    this run no longer holds the job (another claim, or it was not running):
 --                  nothing is written
 
+local outcome, owner, claim, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local value, result_ttl, max_attempts, job_id = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local bound, ttl, stop_note = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+
+-- A history entry (prelude.lua), the job's TTL renewed with it.
+local function job_note(st, reason)
+  note(KEYS[2], st, now, reason, bound, ttl)
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',
   'cancel_requested', 'request_id', 'gen')
 local state = j[1]
 local f = {state = state or 'unknown', attempt = tonumber(j[4] or '0'),
   gen = tonumber(j[8] or '0'), request_id = j[7] or nil, superseded_by = j[5] or nil,
   cancel_requested = j[6] or nil}
-if not state or j[2] ~= ARGV[2] or j[3] ~= ARGV[3] then
+if not state or j[2] ~= owner or j[3] ~= claim then
   f.o = 'refused'
   return cjson.encode(f)
-end
-
-local outcome, now, value = ARGV[1], ARGV[4], ARGV[5]
-local bound, ttl = tonumber(ARGV[9]), tonumber(ARGV[10])
-
-local function note(st, reason)
-  redis.call('RPUSH', KEYS[2], cjson.encode({state = st, at = now, reason = reason}))
-  redis.call('LTRIM', KEYS[2], -bound, -1)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[1], ttl)
 end
 
 local function release_claim()
@@ -56,13 +56,13 @@ end
 if state == 'cancelled' then
   release_claim()
   redis.call('HSET', KEYS[1], 'stopped_at', now, 'updated_at', now)
-  local why = ARGV[11]
+  local why = stop_note
   if outcome == 'succeeded' then
     why, f.refused = 'result refused: the job was cancelled', true
   elseif outcome == 'failed' then
-    why = ARGV[11] .. ' (it failed: ' .. value .. ')'
+    why = stop_note .. ' (it failed: ' .. value .. ')'
   end
-  note('cancelled', why)
+  job_note('cancelled', why)
   f.o = 'stopped'
   return cjson.encode(f)
 end
@@ -74,14 +74,14 @@ end
 release_claim()
 if outcome == 'succeeded' then
   redis.call('HSET', KEYS[1], 'state', 'succeeded', 'updated_at', now, 'finished_at', now)
-  if redis.call('HGET', KEYS[3], 'job') == ARGV[8] then
+  if redis.call('HGET', KEYS[3], 'job') == job_id then
     redis.call('DEL', KEYS[4])
-    redis.call('HSET', KEYS[4], 'job', ARGV[8], 'value', value, 'at', now)
-    redis.call('EXPIRE', KEYS[4], ARGV[6])
-    note('succeeded', 'result cached')
+    redis.call('HSET', KEYS[4], 'job', job_id, 'value', value, 'at', now)
+    redis.call('EXPIRE', KEYS[4], result_ttl)
+    job_note('succeeded', 'result cached')
     f.cached = true
   else
-    note('succeeded', 'result not cached: superseded by ' .. tostring(j[5]))
+    job_note('succeeded', 'result not cached: superseded by ' .. tostring(j[5]))
     f.cached = false
   end
   f.o, f.state = 'succeeded', 'succeeded'
@@ -90,14 +90,14 @@ end
 
 -- failed
 redis.call('HSET', KEYS[1], 'error', value, 'updated_at', now)
-if f.attempt < tonumber(ARGV[7]) and not j[5] then
+if f.attempt < tonumber(max_attempts) and not j[5] then
   redis.call('HSET', KEYS[1], 'state', 'pending')
   f.gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
-  note('pending', 'attempt ' .. f.attempt .. ' failed: ' .. value .. '; retrying')
+  job_note('pending', 'attempt ' .. f.attempt .. ' failed: ' .. value .. '; retrying')
   f.o, f.state = 'retry', 'pending'
   return cjson.encode(f)
 end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', now)
-note('failed', value)
+job_note('failed', value)
 f.o, f.state = 'failed', 'failed'
 return cjson.encode(f)

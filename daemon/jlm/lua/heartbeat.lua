@@ -9,11 +9,13 @@
 -- else the job's state (`cancelled` is how a cancellation missed on pub/sub is still seen),
 -- `lost` when the job runs under another claim, or `unknown` when the job is gone; lease_until 0.
 
+local owner, claim, lease_ms = ARGV[1], ARGV[2], ARGV[3]
+
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim')
 if not j[1] then
   return {'unknown', 0}
 end
-if j[2] ~= ARGV[1] or j[3] ~= ARGV[2] then
+if j[2] ~= owner or j[3] ~= claim then
   if j[1] == 'running' then
     return {'lost', 0}
   end
@@ -22,7 +24,7 @@ end
 if j[1] ~= 'running' then
   return {j[1], 0}
 end
-local t = redis.call('TIME')
-local lease_until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3])
+local _, now_ms = server_time()
+local lease_until = now_ms + tonumber(lease_ms)
 redis.call('HSET', KEYS[1], 'lease_until', lease_until)
 return {'running', lease_until}

@@ -1,5 +1,5 @@
--- invalidate.lua: drop a scope's cached result, atomically with the request record (after the
--- prelude record.lua).
+-- invalidate.lua: drop a scope's cached result, atomically with the request record (after
+-- prelude.lua, record.lua).
 --
 -- KEYS[1]  result hash
 -- KEYS[2]  request record      hash (record.lua), or a placeholder when the request has no message_id
@@ -17,23 +17,22 @@
 -- another request (nothing changed). facts is a JSON
 -- object: inv (a result was dropped), job (the job that had produced it), at, pid.
 
-if ARGV[1] == '1' then
-  local seen, facts, ok = lookup(KEYS[3], KEYS[2], ARGV[5], ARGV[6])
-  if seen == 'conflict' then
-    return {2, ''}
-  elseif seen == 'replay' then
-    return {1, facts, false, false, take_republish(KEYS[2], ok, ARGV[7])}
-  end
+local record_it, idem_ttl, pid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local digest, bind, session = ARGV[5], ARGV[6], ARGV[7]
+
+local replay = recorded(record_it, KEYS[3], KEYS[2], digest, bind, session)
+if replay then
+  return replay
 end
 
 local job = redis.call('HGET', KEYS[1], 'job')
-local f = {at = ARGV[4], pid = ARGV[3], inv = false}
+local f = {at = now, pid = pid, inv = false}
 if job then
   redis.call('DEL', KEYS[1])
   f.inv, f.job = true, job
 end
 local facts = cjson.encode(f)
-if ARGV[1] == '1' then
-  save(KEYS[3], KEYS[2], ARGV[5], ARGV[6], facts, ARGV[2])
+if record_it == '1' then
+  save(KEYS[3], KEYS[2], digest, bind, facts, idem_ttl)
 end
 return {0, facts}

@@ -1,4 +1,4 @@
--- manage.lua: one `manage` decision for one dedup scope, atomically (after the prelude record.lua).
+-- manage.lua: one `manage` decision for one dedup scope, atomically (after prelude.lua, record.lua).
 --
 -- KEYS[1]  scope hash          fields: job (current job id), at (its requested_at, µs)
 -- KEYS[2]  result hash         fields: job, value (JSON), at
@@ -36,33 +36,26 @@
 --     the decision's job and events again (record.lua: take_republish).
 --   status 2: the idempotency key is bound to another request; nothing changed.
 
-if ARGV[6] == '1' then
-  local seen, facts, ok = lookup(KEYS[6], KEYS[3], ARGV[17], ARGV[18])
-  if seen == 'conflict' then
-    return {2, ''}
-  elseif seen == 'replay' then
-    local f = cjson.decode(facts)
-    local result = false
-    if f.why == 'reuse' then
-      local r = redis.call('HMGET', KEYS[2], 'job', 'value')
-      if r[1] == f.job then
-        result = r[2]
-      end
+local policy, new_id, now, at = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local cancel_running, record_it = ARGV[5], ARGV[6]
+local idem_ttl, job_ttl, prefix = ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local job_type, cache_prefix, priority, request_id = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local pid, channel, bound = ARGV[14], ARGV[15], tonumber(ARGV[16])
+local digest, bind, session = ARGV[17], ARGV[18], ARGV[19]
+
+local replay = recorded(record_it, KEYS[6], KEYS[3], digest, bind, session, function(facts)
+  local f = cjson.decode(facts)
+  local result = false
+  if f.why == 'reuse' then
+    local r = redis.call('HMGET', KEYS[2], 'job', 'value')
+    if r[1] == f.job then
+      result = r[2]
     end
-    local state = redis.call('HGET', ARGV[9] .. f.job, 'state')
-    return {1, facts, result, state, take_republish(KEYS[3], ok, ARGV[19])}
   end
-end
-
-local now, new_id, prefix = ARGV[3], ARGV[2], ARGV[9]
-local job_ttl, bound = tonumber(ARGV[8]), tonumber(ARGV[16])
-local policy = ARGV[1]
-
-local function note(job_key, state, reason)
-  local h = job_key .. ':h'
-  redis.call('RPUSH', h, cjson.encode({state = state, at = now, reason = reason}))
-  redis.call('LTRIM', h, -bound, -1)
-  redis.call('EXPIRE', h, job_ttl)
+  return result, redis.call('HGET', prefix .. f.job, 'state')
+end)
+if replay then
+  return replay
 end
 
 local cur = redis.call('HMGET', KEYS[1], 'job', 'at')
@@ -74,15 +67,13 @@ if cur_id then
   end
 end
 
--- µs since the epoch, as a string (a Lua number would print 16 digits in exponent form).
-local at = ARGV[4]
+-- µs since the epoch, as a string.
 local stamped = at == ''
 if stamped then
-  local t = redis.call('TIME')
-  at = t[1] .. string.format('%06d', tonumber(t[2]))
+  at = server_time()
 end
 
-local f = {at = now, pid = ARGV[14], pri = tonumber(ARGV[12])}
+local f = {at = now, pid = pid, pri = tonumber(priority)}
 local result = false
 local live = cur_state == 'pending' or cur_state == 'running'
 if cur_id then
@@ -92,8 +83,8 @@ end
 
 local function finish()
   local facts = cjson.encode(f)
-  if ARGV[6] == '1' then
-    save(KEYS[6], KEYS[3], ARGV[17], ARGV[18], facts, ARGV[7])
+  if record_it == '1' then
+    save(KEYS[6], KEYS[3], digest, bind, facts, idem_ttl)
   end
   return {0, facts, result}
 end
@@ -127,19 +118,20 @@ if cur_id then
   if cur_state == 'pending' then
     redis.call('HSET', old, 'state', 'cancelled', 'superseded_by', new_id, 'updated_at', now,
       'cancel_reason', 'superseded')
-    note(old, 'cancelled', 'superseded by ' .. new_id)
+    note(old .. ':h', 'cancelled', now, 'superseded by ' .. new_id, bound, job_ttl)
     f.stale, f.sup = true, true
   elseif cur_state == 'running' then
     redis.call('HSET', old, 'superseded_by', new_id, 'updated_at', now)
     f.sup = true
-    if ARGV[5] == '1' then
+    if cancel_running == '1' then
       redis.call('HSET', old, 'state', 'cancelled', 'cancel_requested', now,
         'cancel_reason', 'superseded')
-      note(old, 'cancelled', 'superseded by ' .. new_id .. ' (cancel_running)')
-      redis.call('PUBLISH', ARGV[15], cur_id)
+      note(old .. ':h', 'cancelled', now, 'superseded by ' .. new_id .. ' (cancel_running)',
+        bound, job_ttl)
+      redis.call('PUBLISH', channel, cur_id)
       f.rc = true
     else
-      note(old, 'running', 'superseded by ' .. new_id)
+      note(old .. ':h', 'running', now, 'superseded by ' .. new_id, bound, job_ttl)
     end
   end
   redis.call('EXPIRE', old, job_ttl)
@@ -152,11 +144,11 @@ if policy == 'replace' and redis.call('DEL', KEYS[2]) == 1 then
 end
 f.inv = inv
 
-redis.call('HSET', KEYS[4], 'state', 'pending', 'job_type', ARGV[10], 'cache_prefix', ARGV[11],
-  'priority', ARGV[12], 'created_at', now, 'updated_at', now, 'attempt', 0,
-  'request_id', ARGV[13], 'requested_at', at)
+redis.call('HSET', KEYS[4], 'state', 'pending', 'job_type', job_type, 'cache_prefix', cache_prefix,
+  'priority', priority, 'created_at', now, 'updated_at', now, 'attempt', 0,
+  'request_id', request_id, 'requested_at', at)
 redis.call('EXPIRE', KEYS[4], job_ttl)
-note(KEYS[4], 'pending', 'enqueued')
+note(KEYS[4] .. ':h', 'pending', now, 'enqueued', bound, job_ttl)
 redis.call('HSET', KEYS[1], 'job', new_id, 'at', at)
 redis.call('EXPIRE', KEYS[1], job_ttl)
 

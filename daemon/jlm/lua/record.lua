@@ -50,3 +50,23 @@ local function save(binding, record, digest, bind, facts, ttl)
   redis.call('EXPIRE', record, ttl)
 end
 
+
+-- The prologue of a recording script: nil when the request is to be decided now (no message_id,
+-- or a new one); else the script's reply, {2, ''} for a conflict or {1, facts, result, job state,
+-- republish} for a replay. `replay_extra(facts)`, if given, reads a replay's result and job state.
+local function recorded(record_it, binding, record, digest, bind, session, replay_extra)
+  if record_it ~= '1' then
+    return nil
+  end
+  local seen, facts, ok = lookup(binding, record, digest, bind)
+  if seen == 'conflict' then
+    return {2, ''}
+  elseif seen == 'replay' then
+    local result, state = false, false
+    if replay_extra then
+      result, state = replay_extra(facts)
+    end
+    return {1, facts, result, state, take_republish(record, ok, session)}
+  end
+  return nil
+end

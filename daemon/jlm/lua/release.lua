@@ -16,37 +16,38 @@
 --   o = stopped    the job was cancelled meanwhile; the stop is recorded
 --   o = refused    this run no longer holds the job: nothing is written
 
+local owner, claim, now, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local bound, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+-- A history entry (prelude.lua), the job's TTL renewed with it.
+local function job_note(st, reason)
+  note(KEYS[2], st, now, reason, bound, ttl)
+  redis.call('EXPIRE', KEYS[1], ttl)
+end
+
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',
   'cancel_requested', 'request_id')
 local state = j[1]
 local f = {state = state or 'unknown', request_id = j[7] or nil, cancel_requested = j[6] or nil}
-if not state or j[2] ~= ARGV[1] or j[3] ~= ARGV[2] or
+if not state or j[2] ~= owner or j[3] ~= claim or
     (state ~= 'running' and state ~= 'cancelled') then
   f.o = 'refused'
   return cjson.encode(f)
-end
-
-local now, bound, ttl = ARGV[3], tonumber(ARGV[5]), tonumber(ARGV[6])
-local function note(st, reason)
-  redis.call('RPUSH', KEYS[2], cjson.encode({state = st, at = now, reason = reason}))
-  redis.call('LTRIM', KEYS[2], -bound, -1)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[1], ttl)
 end
 
 redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
 redis.call('HSET', KEYS[1], 'updated_at', now)
 if state == 'cancelled' then
   redis.call('HSET', KEYS[1], 'stopped_at', now)
-  note('cancelled', 'stopped by worker')
+  job_note('cancelled', 'stopped by worker')
   f.o = 'stopped'
 elseif j[5] then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_reason', 'superseded')
-  note('cancelled', ARGV[4] .. '; superseded by ' .. j[5] .. ', not run again')
+  job_note('cancelled', reason .. '; superseded by ' .. j[5] .. ', not run again')
   f.o, f.state = 'cancelled', 'cancelled'
 else
   redis.call('HSET', KEYS[1], 'state', 'pending', 'attempt', math.max(tonumber(j[4] or '1') - 1, 0))
-  note('pending', ARGV[4])
+  job_note('pending', reason)
   f.o, f.state = 'released', 'pending'
 end
 return cjson.encode(f)

@@ -1,0 +1,19 @@
+-- prelude.lua: the helpers every script is loaded with (store.load_lua prepends it). A helper a
+-- script does not call issues no command: the Redis ACLs list only the commands scripts call.
+
+-- The Redis server's time: µs since the epoch as a string (a Lua number would print 16 digits in
+-- exponent form), and ms since the epoch as a number.
+local function server_time()
+  local t = redis.call('TIME')
+  local us = t[1] .. string.format('%06d', tonumber(t[2]))
+  return us, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- One entry of a job's history (a list of JSON entries): appended, the list trimmed to its last
+-- `bound` entries and kept `ttl` seconds.
+local function note(history, state, at, reason, bound, ttl)
+  redis.call('RPUSH', history, cjson.encode({state = state, at = at, reason = reason}))
+  redis.call('LTRIM', history, -bound, -1)
+  redis.call('EXPIRE', history, ttl)
+end
+

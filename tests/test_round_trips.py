@@ -1,0 +1,83 @@
+"""One decision, one round trip: the EVALSHA calls a daemon makes per manage request, counted by
+a private Redis (INFO commandstats), so no other test's traffic is counted."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from prometheus_client import generate_latest
+from tests.conftest import start_daemon
+from tests.redis_server import RedisServer
+
+from jlm.client import Client
+from jlm.config import Settings
+
+REQUESTS = 1000
+
+
+async def _commandstats(client: aioredis.Redis) -> dict[str, int]:
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def _script_calls(text: str, script: str) -> int:
+    for line in text.splitlines():
+        if line.startswith(f'jlm_redis_script_duration_seconds_count{{script="{script}"}}'):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+async def test_a_manage_request_is_one_evalsha(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        settings = make_settings(JLM_REDIS_URL=server.url)
+        daemon = await start_daemon(settings)
+        redis = aioredis.Redis.from_url(server.url)
+        try:
+            async with Client(settings) as client:
+                await client.call("manage", {"job_type": "demo", "payload": {}})  # loads scripts
+                await daemon.service.store.flush_marks()
+                before = await _commandstats(redis)
+                manage_before = _script_calls(
+                    generate_latest(daemon.service.metrics.registry).decode(), "manage"
+                )
+                replies = await asyncio.gather(
+                    *(
+                        client.call(
+                            "manage",
+                            {
+                                "job_type": "demo",
+                                "cache_prefix": f"p{i % 100}",
+                                "payload": {"i": i},
+                            },
+                        )
+                        for i in range(REQUESTS)
+                    )
+                )
+                after = await _commandstats(redis)
+                manage_after = _script_calls(
+                    generate_latest(daemon.service.metrics.registry).decode(), "manage"
+                )
+        finally:
+            await daemon.stop()
+            await redis.aclose()
+    finally:
+        server.stop()
+    assert all(r["success"] for r in replies)
+    delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
+    manage_calls = manage_after - manage_before
+    print(
+        f"\nEVALSHA delta over {REQUESTS} manage requests: {delta.get('evalsha', 0)}; "
+        f"manage script calls: {manage_calls}; other deltas: "
+        f"{ {k: v for k, v in sorted(delta.items()) if v and k != 'evalsha'} }"
+    )
+    assert manage_calls == REQUESTS
+    # The monitor's probe (one `result` script call a second) is the only other EVALSHA.
+    assert REQUESTS <= delta.get("evalsha", 0) <= REQUESTS + 60
+    assert delta.get("eval", 0) == 0  # never the script's text again
