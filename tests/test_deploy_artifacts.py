@@ -818,10 +818,10 @@ async def test_redis_roles_daemon_and_worker(acl_redis: Path, settings: Settings
         client = worker.client
         write_request = "return redis.call('HSET', KEYS[1], 'f', 'x')"
         refused = [
-            ("SET", keys.request(tag, "r9"), "forged"),
-            ("GET", keys.request(tag, "r1")),
-            ("DEL", keys.request(tag, "r1")),
-            ("EVAL", write_request, "1", keys.request(tag, "r1")),
+            ("SET", keys.request(tag, None, "r9"), "forged"),
+            ("GET", keys.request(tag, None, "r1")),
+            ("DEL", keys.request(tag, None, "r1")),
+            ("EVAL", write_request, "1", keys.request(tag, None, "r1")),
             ("PUBLISH", keys.cancel_channel, job),
             ("EVAL", "return redis.call('PUBLISH', 'jlm:cancel', 'x')", "0"),
             ("HGETALL", "other:key"),

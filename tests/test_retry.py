@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from jlm.retry import Backoff, RareLog
 
+pytestmark = pytest.mark.unit
+
 
 def test_backoff_doubles_from_start_up_to_cap() -> None:
     b = Backoff(0.2, 1.0)
