@@ -95,11 +95,11 @@ class Dispatcher:
         self.inflight += 1
         self.idle.clear()
         self.metrics.inflight.inc()
-        outcome_label = "ok"
+        outcome_label = "error"  # unless _serve returns: a lost session, or a defect
         try:
             outcome_label = await self._serve(broker, message, op, ctx)
         except SessionLost:
-            outcome_label = "error"
+            pass
         finally:
             if len(message.body) >= LARGE_BODY:
                 self.large_seen = True  # trimmed at the next tick, once this body is freed
