@@ -28,10 +28,10 @@ from tests.security_helpers import (
     new_user,
 )
 
+from jlm.amqp.names import REQUESTS
 from jlm.cli import _describe, _parser
 from jlm.completion import script
 from jlm.config import Settings, unknown_variable
-from jlm.connect import REQUESTS
 from jlm.events import Filter, parse_since
 
 

@@ -355,7 +355,7 @@ async def _amqp_errors(args: argparse.Namespace, work: Coroutine[Any, Any, int])
     line: 78 for a permission, 69 for the rest."""
     from aiormq.exceptions import AMQPError, ChannelAccessRefused
 
-    from jlm.connect import why
+    from jlm.amqp.connect import why
 
     try:
         return await work
@@ -368,8 +368,8 @@ async def _amqp_errors(args: argparse.Namespace, work: Coroutine[Any, Any, int])
 
 
 async def _ask(settings: Settings, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
+    from jlm.amqp.names import REQUESTS
     from jlm.client import Client, url_user, url_vhost
-    from jlm.connect import REQUESTS
 
     # Name ourselves (RabbitMQ checks user_id against the connection's user), so that a daemon
     # with authorisation on knows who asks.
@@ -575,6 +575,6 @@ def _events(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from jlm.worker import run_worker_cli
+    from jlm.worker.cli import run_worker_cli
 
     return _asyncio_run(run_worker_cli(settings, args.target, args.job_type, args.concurrency))

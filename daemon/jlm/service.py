@@ -20,8 +20,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
 from jlm import __version__
-from jlm.amqp_transport import UNDECODABLE
-from jlm.broker import REQUESTS, Broker
+from jlm.amqp.names import REQUESTS
+from jlm.amqp.transport import UNDECODABLE
+from jlm.broker import Broker
 from jlm.config import OPERATIONS, Settings, redact_url
 from jlm.errors import (
     Disposition,
