@@ -160,7 +160,7 @@ def test_no_module_over_450_lines() -> None:
         name: n for name, n in sizes.items() if n > MAX_MODULE_LINES and name not in LONG_MODULES
     }
     assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
-    assert LONG_MODULES <= set(sizes), "an exception for a module that no longer exists"
+    assert set(sizes) >= LONG_MODULES, "an exception for a module that no longer exists"
 
 
 def test_no_function_over_60_lines_outside_the_exceptions() -> None:
