@@ -258,3 +258,21 @@ def test_the_architecture_doc_lists_every_module() -> None:
     listed = [line.split("`")[1] for line in table.splitlines()[2:]]
     assert len(listed) == len(set(listed)), "a module listed twice"
     assert set(listed) == set(modules())
+
+
+def test_one_version() -> None:
+    """pyproject.toml holds the version; `jlm.__version__` reads it from the package metadata,
+    and the compose stack's image tag (pinned, by tests/test_deploy_artifacts.py) repeats it."""
+    import tomllib
+
+    import yaml
+
+    import jlm
+
+    root = PACKAGE.parents[1]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    assert jlm.__version__ == version
+    assert "__version__ =" not in (PACKAGE / "__init__.py").read_text()
+    compose = yaml.safe_load((root / "deploy" / "docker-compose.yml").read_text())
+    assert compose["x-jlm-image"]["image"] == f"job-lifecycle-manager:{version}"
+    assert f"job-lifecycle-manager:{version} ." in (root / "deploy" / "Dockerfile").read_text()

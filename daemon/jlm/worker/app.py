@@ -1,4 +1,4 @@
-"""The worker SDK: consume a job queue, claim each job, run an async handler, report the outcome.
+"""The `Worker`: consume a job queue, claim each job, run an async handler, report the outcome.
 
 A handler is `async def handle(job) -> result`. Its return value (JSON-serialisable) becomes the
 scope's cached result, an exception fails the job, and a cancellation asked through the daemon
