@@ -12,7 +12,8 @@ import aiormq
 import orjson
 from pamqp.commands import Basic
 
-from jlm.broker import JOBS, REQUESTS, Broker
+from jlm.amqp.names import JOBS, REQUESTS
+from jlm.broker import Broker
 from jlm.config import Settings
 from jlm.metrics import Metrics
 

@@ -55,7 +55,7 @@ from bench.amqp import (
 )
 from bench.env import BenchEnv, loadavg, machine
 from bench.procs import Proc, ServerCpu, start_daemon
-from jlm.broker import REQUESTS
+from jlm.amqp.names import REQUESTS
 from jlm.config import load_settings
 
 RABBIT_DATA = "/var/lib/rabbitmq/mnesia/rabbit@localhost"

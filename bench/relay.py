@@ -28,7 +28,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from pamqp.commands import Basic
 
 from bench.amqp import RELAY_KEY, RELAY_OUT
-from jlm.broker import JOBS, JSON, Broker, Outgoing
+from jlm.amqp.names import JOBS, JSON
+from jlm.amqp.session import Outgoing
+from jlm.broker import Broker
 from jlm.config import load_settings
 from jlm.metrics import Metrics
 from jlm.protocol import JobMessage

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from jlm.amqp_transport import UNDECODABLE, FrameGuardReader
+from jlm.amqp.transport import UNDECODABLE, FrameGuardReader
 
 pytestmark = pytest.mark.unit
 

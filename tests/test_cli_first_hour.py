@@ -29,10 +29,11 @@ from tests.support.daemon import ROOT, DaemonProcess, env_for
 from tests.support.ports import free_port
 from tests.support.services import AMQP_BASE, start_daemon
 
-from jlm.cli import _describe, _parser
+from jlm.amqp.names import REQUESTS
+from jlm.cli.output import describe
+from jlm.cli.parser import build_parser
 from jlm.completion import script
 from jlm.config import Settings, unknown_variable
-from jlm.connect import REQUESTS
 from jlm.events import Filter, parse_since
 
 
@@ -257,13 +258,13 @@ def test_with_a_daemon_failures_are_never_success(settings: Settings, tmp_path: 
 
 @pytest.mark.unit
 def test_cancel_of_a_running_job_says_add_running() -> None:
-    text = _describe("cancel", {"job_id": "j", "cancelled": False, "state": "running"})
+    text = describe("cancel", {"job_id": "j", "cancelled": False, "state": "running"})
     assert text == "job j: not cancelled (running): add --running to stop it"
-    assert "add --running" not in _describe(
+    assert "add --running" not in describe(
         "cancel", {"job_id": "j", "cancelled": True, "state": "cancelled"}
     )
     reply = {"new_job_id": "j", "state": "queued", "running_cancelled": True}
-    assert "the running job was stopped" in _describe("submit", reply)
+    assert "the running job was stopped" in describe("submit", reply)
 
 
 def test_until_done_and_the_worker_log_one_line_per_job(settings: Settings, tmp_path: Path) -> None:
@@ -371,7 +372,7 @@ def test_daemon_and_worker_exit_78_on_a_refused_login(settings: Settings, comman
 
 @pytest.mark.unit
 def test_completion_scripts_load_and_complete() -> None:
-    parser = _parser()
+    parser = build_parser()
     bash = script(parser, "bash")
     probe = (
         "COMP_WORDS=(jlm sub); COMP_CWORD=1; _jlm_complete; echo ${COMPREPLY[@]}; "

@@ -784,8 +784,8 @@ async def test_redis_roles_daemon_and_worker(acl_redis: Path, settings: Settings
     from jlm.lifecycle import Context, Lifecycle
     from jlm.protocol import ManageRequest
     from jlm.store import Store, connect
-    from jlm.worker_job import now
-    from jlm.worker_store import Run, WorkerStore
+    from jlm.worker.job import now
+    from jlm.worker.store import Run, WorkerStore
 
     def url(user: str, password: str) -> str:
         return f"unix://{user}:{password}@{acl_redis}?db=0"

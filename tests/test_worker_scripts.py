@@ -23,8 +23,8 @@ from jlm.lifecycle import Context, Lifecycle
 from jlm.metrics import Metrics
 from jlm.protocol import CancelRequest, ManageRequest
 from jlm.store import RedisClient, Store, connect
-from jlm.worker_job import now
-from jlm.worker_store import Facts, Run, WorkerStore
+from jlm.worker.job import now
+from jlm.worker.store import Facts, Run, WorkerStore
 
 pytestmark = pytest.mark.timeout(60)
 T = "unit"

@@ -12,8 +12,9 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelNotFoundEntity
 
+from jlm.amqp.connect import connect_first
+from jlm.amqp.names import REQUESTS
 from jlm.config import Settings
-from jlm.connect import REQUESTS, connect_first
 
 
 class Client:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
-from jlm.amqp_transport import UNDECODABLE
+from jlm.amqp.transport import UNDECODABLE
 from jlm.broker import Broker
 from jlm.config import OPERATIONS, Settings
 from jlm.errors import (

@@ -14,8 +14,9 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity
 
+from jlm.amqp.connect import connect_first
+from jlm.amqp.names import PROVENANCE
 from jlm.config import Settings
-from jlm.connect import PROVENANCE, connect_first
 from jlm.errors import Unavailable
 
 IDLE_SECONDS = 1.5

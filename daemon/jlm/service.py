@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import anyio
 
 from jlm import __version__
-from jlm.broker import REQUESTS, Broker
+from jlm.amqp.names import REQUESTS
+from jlm.broker import Broker
 from jlm.config import Settings, redact_url
 from jlm.dispatch import Dispatcher
 from jlm.errors import (

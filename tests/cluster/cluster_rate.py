@@ -25,7 +25,7 @@ from bench.env import delete_namespace
 from bench.procs import free_port, start_daemon
 from tests.cluster.rabbit_cluster import MIRROR_POLICY, RabbitCluster
 
-from jlm.broker import REQUESTS
+from jlm.amqp.names import REQUESTS
 from jlm.config import load_settings
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

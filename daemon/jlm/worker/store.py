@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 import orjson
 
+from jlm.config import Settings
 from jlm.keys import Keys, scope_tag, tag_of_job
-from jlm.store import HISTORY_BOUND, Store
+from jlm.store import HISTORY_BOUND, RedisClient, Store, connect
 
 SCRIPTS = ("claim", "heartbeat", "finish", "release")
 Outcome = Literal["succeeded", "failed", "stopped"]
@@ -126,3 +127,15 @@ class WorkerStore:
             [k.job(run.job_id), k.history(run.job_id)],
             [run.owner, run.claim, now, reason, HISTORY_BOUND, self._job_ttl],
         )
+
+
+def redis_client(settings: Settings, cluster: bool, url: str | None = None) -> RedisClient:
+    """A client of the configured Redis (or of the node at `url`), with the configured TLS."""
+    return connect(
+        url or settings.redis_url,
+        cluster=cluster,
+        ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+        cert_file=str(settings.tls_cert_file) if settings.tls_cert_file else None,
+        key_file=str(settings.tls_key_file) if settings.tls_key_file else None,
+        verify=settings.tls_verify,
+    )

@@ -17,7 +17,7 @@ import orjson
 from jlm.keys import tag_of_job
 from jlm.protocol import JobMessage, iso
 from jlm.provenance import Event, new_id, scope_of
-from jlm.worker_store import Run
+from jlm.worker.store import Run
 
 
 @dataclass(frozen=True, slots=True)

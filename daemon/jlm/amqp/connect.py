@@ -1,7 +1,7 @@
 """Connecting to RabbitMQ with fail-over; a connection failure told as one line naming its cause.
 
-Kept apart from `jlm.broker` so that the command line's client connects without importing the
-daemon's metrics and models.
+Kept apart from the daemon's `jlm.broker` so that the command line's client connects without
+importing the daemon's metrics and models.
 """
 
 from __future__ import annotations
@@ -19,17 +19,12 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import AMQPConnectionError, AMQPError, InvalidFrameError
 
-from jlm.amqp_transport import CoalescingConnection
+from jlm.amqp.transport import CoalescingConnection
 from jlm.config import Settings, redact_url
 from jlm.errors import Refused, Unavailable
 
 log = logging.getLogger(__name__)
 
-REQUESTS = "jlm.requests"
-JOBS = "jlm.jobs"
-EVENTS = "jlm.events"
-PROVENANCE = "jlm.provenance"
-DEAD = "jlm.dead"
 CONNECT_TIMEOUT = 5.0  # seconds for one node's TCP, TLS and AMQP handshake
 PROBE_TIMEOUT = 1.0  # seconds for the Redis probe of a node that never answered the handshake
 

@@ -18,8 +18,8 @@ from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.provenance import Event
 from jlm.retry import STEP_RETRY_START, Backoff
-from jlm.worker_job import Active, Handler, ReceivedJob, now, worker_event
-from jlm.worker_store import Facts, Outcome, WorkerStore
+from jlm.worker.job import Active, Handler, ReceivedJob, now, worker_event
+from jlm.worker.store import Facts, Outcome, WorkerStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,7 +10,8 @@ from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
-from jlm.broker import EVENTS, JOBS, JSON, AmqpSession, Callback, Outgoing
+from jlm.amqp.names import EVENTS, JOBS, JSON
+from jlm.amqp.session import AmqpSession, Callback, Outgoing
 from jlm.config import Settings
 from jlm.errors import Unavailable
 from jlm.provenance import Event

@@ -1,4 +1,4 @@
-"""The worker SDK: consume a job queue, claim each job, run an async handler, report the outcome.
+"""The `Worker`: consume a job queue, claim each job, run an async handler, report the outcome.
 
 A handler is `async def handle(job) -> result`. Its return value (JSON-serialisable) becomes the
 scope's cached result, an exception fails the job, and a cancellation asked through the daemon
@@ -15,15 +15,11 @@ import os
 import socket
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
@@ -32,9 +28,10 @@ from jlm.keys import Keys
 from jlm.metrics import HealthState, Metrics
 from jlm.provenance import Event
 from jlm.retry import RECONNECT_START, STEP_RETRY_START, Backoff, RareLog
-from jlm.store import RedisClient, Store, connect
-from jlm.worker_broker import QueueMissing, WorkerBroker
-from jlm.worker_job import (
+from jlm.store import Store
+from jlm.worker.broker import QueueMissing, WorkerBroker
+from jlm.worker.cancels import CancelListener
+from jlm.worker.job import (
     Active,
     Handler,
     Job,
@@ -43,22 +40,18 @@ from jlm.worker_job import (
     parse_job_message,
     worker_event,
 )
-from jlm.worker_runner import (
+from jlm.worker.runner import (
     Deps,
     JobRunner,
     Settle,
-    beat,
     first_of,
     invalid,
     retry_redis,
     unclaimed,
 )
-from jlm.worker_store import Facts, Run, WorkerStore
-
-__all__ = ["Handler", "Job", "Worker", "run_worker_cli"]
+from jlm.worker.store import Facts, Run, WorkerStore, redis_client
 
 log = logging.getLogger(__name__)
-RECENT_CANCELS = 10_000
 # Seconds a job message for a job another run holds may stay unsettled (the contract says 1 s).
 SETTLE_WAIT = 0.9
 
@@ -92,7 +85,7 @@ class Worker:
         self._queue = settings.file.queue_for(job_type)
         self._keys = Keys(settings.redis_namespace)
         self._store = WorkerStore(
-            Store(_redis(settings, settings.redis_cluster), self._keys, self.metrics),
+            Store(redis_client(settings, settings.redis_cluster), self._keys, self.metrics),
             settings.file.job_ttl,
         )
         self._http: HttpServer | None = None
@@ -106,7 +99,6 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[str, Active] = {}
         self._abandoned: set[asyncio.Task[Any]] = set()
-        self._recent_cancels: OrderedDict[str, None] = OrderedDict()
         self._rare = RareLog(log)
         self._deps = Deps(
             settings=settings,
@@ -123,6 +115,7 @@ class Worker:
             cancel_grace=cancel_grace,
             worker_id=self.id,
         )
+        self._cancels = CancelListener(self._deps, self._keys, self.health, self._active)
 
     @property
     def stopping(self) -> bool:
@@ -144,7 +137,7 @@ class Worker:
                 await self._http.start()  # /readyz answers 503 while the queue is awaited
             broker = await self._open_when_queue_exists(broker)
             self.health.set("redis", True)
-            listener = asyncio.create_task(self._listen_cancels(), name="jlm cancel listener")
+            listener = asyncio.create_task(self._cancels.run(), name="jlm cancel listener")
             try:
                 if not self._stopping.is_set():
                     await self._sessions(broker)
@@ -343,7 +336,7 @@ class Worker:
         )
         active = Active(job, Run(job.id, self.id, int(facts.get("claim", 0))))
         self._active[job.id] = active
-        if job.id in self._recent_cancels:  # the notice overtook the claim's reply
+        if self._cancels.cancelled(job.id):  # the notice overtook the claim's reply
             active.interrupt("cancelled")
         label = self.metrics.job_type_label(job.job_type)
         self.metrics.jobs_claimed.labels(job_type=label).inc()
@@ -368,71 +361,6 @@ class Worker:
             return await JobRunner(self._deps, active, msg, claimed, later).run()
         finally:
             self._active.pop(job.id, None)
-
-    # -- cancellations pushed on pub/sub ---------------------------------------------------------
-
-    async def _listen_cancels(self) -> None:
-        """Subscribe to the cancel channel; after each (re)subscribe, ask Redis about every running
-        job, since a notice published while not subscribed is lost.
-
-        On a Redis Cluster a PUBLISH on any node reaches the subscribers of every node, so one
-        plain connection to one node is enough: the configured node first, and when the
-        subscription fails, the next node the cluster client knows, at once; the retry delay
-        grows after a whole round of nodes failed."""
-        backoff = Backoff(RECONNECT_START, self.settings.retry_max_delay)
-        tried = 0
-        url = self.settings.redis_url
-        while True:
-            client = _redis(self.settings, False, url)
-            try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(self._keys.cancel_channel)
-                    self.health.set("redis", True)
-                    backoff.reset()
-                    tried = 0
-                    if url != self.settings.redis_url:
-                        log.info("cancel channel: subscribed on %s", redact_url(url))
-                    for active in list(self._active.values()):
-                        await beat(self._deps, active)
-                    while True:
-                        note = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if note is not None and note.get("type") == "message":
-                            data = note["data"]
-                            self._on_cancel(data.decode() if isinstance(data, bytes) else str(data))
-            except (RedisError, OSError) as exc:
-                self.health.set("redis", False)
-                self._warn_rarely("pubsub", "cancel channel: redis unavailable: %s", str(exc))
-                urls = self._pubsub_urls()
-                url = urls[(urls.index(url) + 1) % len(urls)] if url in urls else urls[0]
-                tried += 1
-                if tried >= len(urls):
-                    tried = 0
-                    await asyncio.sleep(backoff.next())
-            finally:
-                await client.aclose()
-
-    def _pubsub_urls(self) -> list[str]:
-        """Where the cancel channel can be subscribed: the configured URL, then (on a cluster)
-        every other node the cluster client knows, with the configured URL's scheme, credentials
-        and database."""
-        urls = [self.settings.redis_url]
-        client = self._store.store.client
-        if isinstance(client, RedisCluster):
-            for node in client.get_nodes():
-                url = _node_url(self.settings.redis_url, node.host, node.port)
-                if url not in urls:
-                    urls.append(url)
-        return urls
-
-    def _on_cancel(self, job_id: str) -> None:
-        active = self._active.get(job_id)
-        if active is not None:
-            log.info("job %s cancelled: stopping its handler", job_id, extra={"job_id": job_id})
-            active.interrupt("cancelled")
-            return
-        self._recent_cancels[job_id] = None
-        if len(self._recent_cancels) > RECENT_CANCELS:
-            self._recent_cancels.popitem(last=False)
 
     def _abandon(self, task: asyncio.Task[Any], job_id: str) -> None:
         self._abandoned.add(task)
@@ -487,29 +415,3 @@ async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False) ->
             await message.ack()
     except (AMQPError, OSError, RuntimeError) as exc:
         log.info("settling job message %s: channel gone (%s)", message.message_id, exc)
-
-
-def _redis(settings: Settings, cluster: bool, url: str | None = None) -> RedisClient:
-    return connect(
-        url or settings.redis_url,
-        cluster=cluster,
-        ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None,
-        cert_file=str(settings.tls_cert_file) if settings.tls_cert_file else None,
-        key_file=str(settings.tls_key_file) if settings.tls_key_file else None,
-        verify=settings.tls_verify,
-    )
-
-
-def _node_url(url: str, host: str, port: str | int) -> str:
-    """`url` pointed at another node: same scheme, credentials, database and query."""
-    parts = urlsplit(url)
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return urlunsplit(parts._replace(netloc=f"{userinfo}{at}{address}"))
-
-
-async def run_worker_cli(settings: Settings, target: str, job_type: str, concurrency: int) -> int:
-    """`jlm worker MODULE:FUNCTION --job-type T` (in jlm.worker_cli)."""
-    from jlm.worker_cli import main
-
-    return await main(settings, target, job_type, concurrency)

@@ -11,14 +11,14 @@ import anyio
 from jlm import __version__
 from jlm.config import NAME_RE, Settings, redact_url
 from jlm.errors import Refused, Unavailable
-from jlm.worker import Worker
-from jlm.worker_job import HandlerImportError, load_handler
+from jlm.worker.app import Worker
+from jlm.worker.job import HandlerImportError, load_handler
 
 log = logging.getLogger(__name__)
 EX_OK, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 2, 69, 78
 
 
-async def main(settings: Settings, target: str, job_type: str, concurrency: int) -> int:
+async def run_worker_cli(settings: Settings, target: str, job_type: str, concurrency: int) -> int:
     """`jlm worker MODULE:FUNCTION --job-type T`: 0 on a clean stop, 2 when the target cannot be
     imported (or the arguments are wrong), 69 when Redis or the broker is down at start, 78
     when the broker refuses the login or virtual host at start."""

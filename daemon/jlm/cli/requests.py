@@ -1,0 +1,178 @@
+"""The request commands (`submit`, `status`, `cancel`, `invalidate`, `result`): one request to the
+daemon and its reply."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from jlm.cli.aio import amqp_errors, asyncio_run
+from jlm.cli.output import EX_ERROR, EX_OK, EX_UNAVAILABLE, EX_USAGE, describe, fail, out
+
+if TYPE_CHECKING:
+    from jlm.client import Client
+    from jlm.config import Settings
+
+
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+# What to try next, after the daemon's error code.
+HINTS = {
+    "unknown_job_type": "the configured job types: `jlm check-config`",
+    "not_found": "jobs expire; `jlm events --job ID --since 1d` shows what happened to one",
+    "forbidden": "the grants are the [auth] tables of JLM_CONFIG: `jlm check-config`",
+}
+
+
+def request(settings: Settings, args: argparse.Namespace) -> int:
+    body = _request_body(args)
+    if isinstance(body, str):
+        return fail(args, "usage", body, EX_USAGE)
+    return asyncio_run(amqp_errors(args, _ask(settings, args, *body)), fast=True)
+
+
+async def _ask(settings: Settings, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
+    from jlm.amqp.names import REQUESTS
+    from jlm.client import Client, url_user, url_vhost
+
+    # Name ourselves (RabbitMQ checks user_id against the connection's user), so that a daemon
+    # with authorisation on knows who asks.
+    async with Client(settings, user_id=url_user(settings)) as client:
+        consumers = await client.consumers()
+        vhost = url_vhost(settings)
+        if consumers is None:
+            return fail(
+                args,
+                "no_daemon",
+                f"{REQUESTS} does not exist on virtual host {vhost!r}: no daemon has run here; "
+                "start one with `jlm run` (nothing was sent)",
+                EX_UNAVAILABLE,
+            )
+        anyway = getattr(args, "queue_anyway", False)
+        if consumers == 0 and not anyway:
+            more = " or add --queue-anyway" if hasattr(args, "queue_anyway") else ""
+            return fail(
+                args,
+                "no_daemon",
+                f"no daemon consumes {REQUESTS} on virtual host {vhost!r}: nothing was sent; "
+                f"start one with `jlm run`{more}",
+                EX_UNAVAILABLE,
+            )
+        if args.command == "submit" and args.no_wait:
+            return await _fire(client, args, op, body)
+        message_id = uuid.uuid4().hex
+        try:
+            reply = await client.call(op, body, timeout=args.timeout, message_id=message_id)
+        except TimeoutError:
+            return fail(
+                args,
+                "timeout",
+                f"no reply within {args.timeout:g}s: the request is still queued in {REQUESTS} "
+                "and will be applied when a daemon consumes it "
+                f"(`jlm events --follow --request {message_id}` shows when)",
+                EX_UNAVAILABLE,
+            )
+        if not reply.get("success"):
+            error = reply.get("error", {})
+            code = error.get("code", "internal")
+            hint = HINTS.get(code)
+            message = error.get("message", "") + (f" ({hint})" if hint else "")
+            return fail(args, code, message, EX_ERROR)
+        if args.command == "submit" and args.until_done:
+            reply = await _until_done(client, reply, args)
+            if not reply.get("success"):
+                error = reply["error"]
+                return fail(args, error["code"], error["message"], EX_UNAVAILABLE)
+        out(args, reply, describe(args.command, reply))
+        return EX_OK
+
+
+async def _fire(client: Client, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
+    """`submit --no-wait`: publish (confirmed by the broker), say how to see the decision."""
+    message_id = uuid.uuid4().hex
+    await client.send(op, body, wait=False, message_id=message_id)
+    see = f"jlm events --since 5m --request {message_id}"
+    reply = {"success": True, "submitted": True, "decided": False, "request_id": message_id}
+    out(
+        args,
+        reply,
+        f"request {message_id} published; not waiting for the daemon's decision, so a rejection "
+        f"is not shown here: `{see}` shows the outcome",
+    )
+    return EX_OK
+
+
+def _request_body(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | str:
+    """The operation and body of a request, or the usage error."""
+    if args.command == "submit":
+        try:
+            payload = orjson.loads(args.payload)
+        except orjson.JSONDecodeError as exc:
+            return f"--payload is not JSON: {exc}"
+        if not isinstance(payload, dict):
+            return "--payload must be a JSON object, e.g. '{\"x\": 1}'"
+        now = time.time()
+        body: dict[str, Any] = {
+            "job_type": args.job_type,
+            "payload": payload,
+            "cache_prefix": args.prefix,
+            "priority": args.priority,
+            "cancel_running": args.cancel_running,
+            "requested_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1e6) % 1_000_000:06d}Z",
+        }
+        if args.policy:
+            body["policy"] = args.policy
+        return "manage", body
+    if args.command == "cancel":
+        return "cancel", {"job_id": args.job_id, "running": args.running}
+    if args.command == "status":
+        return "status", {"job_id": args.job_id}
+    assert args.command in ("invalidate", "result")
+    return args.command, {"job_type": args.job_type, "cache_prefix": args.prefix}
+
+
+async def _until_done(
+    client: Client, reply: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Poll the job's status until a final state; on a terminal, show each change on stderr."""
+    import asyncio
+
+    job_id = reply["new_job_id"]
+    started = time.monotonic()
+    deadline = started + args.timeout
+    state = reply.get("state")
+    show = sys.stderr.isatty() and not args.json
+    if show:
+        print(f"jlm: job {job_id}: {state}", file=sys.stderr, flush=True)
+    status: dict[str, Any] = {}
+    while state not in FINAL_STATES and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        status = await client.call("status", {"job_id": job_id}, timeout=args.timeout)
+        if status.get("state") != state:
+            state = status.get("state")
+            if show:
+                took = time.monotonic() - started
+                print(f"jlm: job {job_id}: {state} ({took:.1f}s)", file=sys.stderr, flush=True)
+        elif show:
+            took = time.monotonic() - started
+            print(f"\rjlm: {state}, {took:.0f}s", end="", file=sys.stderr, flush=True)
+    out = dict(reply, state=state)
+    if state == "succeeded":
+        res = await client.call("result", {"job_type": args.job_type, "cache_prefix": args.prefix})
+        if res.get("job_id") == job_id:
+            out["result"] = res.get("result")
+    elif state not in FINAL_STATES:
+        out["success"] = False
+        out["error"] = {
+            "code": "timeout",
+            "message": f"job {job_id} still {state} after {args.timeout:g}s; it goes on: "
+            f"`jlm status {job_id}` shows it",
+        }
+    elif status.get("error"):
+        out["job_error"] = status["error"]
+    return out
