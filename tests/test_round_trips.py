@@ -10,7 +10,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 from tests.conftest import start_daemon
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 from jlm.client import Client
 from jlm.config import Settings
