@@ -17,11 +17,11 @@ $(VENV)/.installed: pyproject.toml
 services:
 	@deploy/local-services.sh
 
-# Tools the artifact tests call: promtool (Prometheus rules) and systemd-analyze (the unit).
+# Tools the tests call: promtool (Prometheus rules), systemd-analyze (the unit), zsh (completion).
 tools:
-	@command -v promtool >/dev/null && command -v systemd-analyze >/dev/null || { \
-	  echo "tools: installing promtool and systemd-analyze (Debian packages prometheus, systemd)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus systemd >/dev/null; \
+	@command -v promtool >/dev/null && command -v systemd-analyze >/dev/null && command -v zsh >/dev/null || { \
+	  echo "tools: installing promtool, systemd-analyze and zsh (Debian packages prometheus, systemd, zsh)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus systemd zsh >/dev/null; \
 	  pkill -x prometheus 2>/dev/null || true; }
 
 run: install services

@@ -9,7 +9,6 @@ import json
 import os
 import pty
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -397,7 +396,6 @@ def test_completion_scripts_load_and_complete() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_completion_script_loads_in_zsh() -> None:
     loaded = subprocess.run(
         [
