@@ -276,8 +276,16 @@ async def test_the_cancel_channel_moves_to_another_node_when_its_node_dies(
     cluster = RedisClusterServers(
         tmp_path / "cluster", extra=("--cluster-require-full-coverage", "no")
     ).start()
+    # The job type is configured: an unconfigured one is first admitted through the namespace's
+    # job-type set, a key whose slot may be node 0's (dead below), and would wait for it.
+    config = tmp_path / "jlm.toml"
+    config.write_text(f'[job_types."{JOB_TYPE}"]\n')
     settings = settings_factory(
-        vhost, namespace, JLM_REDIS_URL=cluster.url, JLM_REDIS_CLUSTER="true"
+        vhost,
+        namespace,
+        JLM_REDIS_URL=cluster.url,
+        JLM_REDIS_CLUSTER="true",
+        JLM_CONFIG=str(config),
     )()
     channel = Keys(namespace).cancel_channel
     client = RedisCluster.from_url(cluster.url)
