@@ -60,7 +60,7 @@ async def test_same_request_twice_is_one_job_message_and_one_event(
     assert m.jobs_enqueued.labels(job_type="demo", priority="5")._value.get() == 2
 
 
-async def test_another_request_under_a_key_is_refused_and_changes_nothing(  # noqa: PLR0917
+async def test_another_request_under_a_key_is_refused_and_changes_nothing(  # noqa: PLR0917 - fixtures arrive as parameters
     daemon: RunningDaemon,
     client: Client,
     settings: Settings,

@@ -68,7 +68,7 @@ def delay_decisions(store: Store, max_ms: float, seed: int) -> None:
         await asyncio.sleep(rnd.random() * max_ms / 1000)
         return await decide(name, keys, args)
 
-    store.decide = delayed  # type: ignore[method-assign]
+    store.decide = delayed  # type: ignore[method-assign]  # the fault hook wraps the real call
 
 
 async def main() -> None:

@@ -92,7 +92,7 @@ async def test_crash_between_decision_and_publish(
 
 
 @pytest.mark.parametrize("retry", ["after-restart", "held-by-the-killed-daemon"])
-async def test_crash_then_a_publishers_retry_still_one_job_message(  # noqa: PLR0917
+async def test_crash_then_a_publishers_retry_still_one_job_message(  # noqa: PLR0917 - fixtures arrive as parameters
     spawn: DaemonFactory,
     amqp_url: str,
     shared_redis: aioredis.Redis,

@@ -208,7 +208,7 @@ class RedisClusterServers:
             states = []
             for node in self.nodes:
                 with contextlib.closing(node.client()) as c:
-                    states.append(_cluster_state(c.execute_command("CLUSTER INFO")))  # type: ignore[no-untyped-call]
+                    states.append(_cluster_state(c.execute_command("CLUSTER INFO")))  # type: ignore[no-untyped-call]  # redis-py: untyped
             if all(state == "ok" for state in states):
                 return self
             time.sleep(0.1)
