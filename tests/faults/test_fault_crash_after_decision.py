@@ -42,7 +42,7 @@ async def test_crash_between_decision_and_publish(
     requests = [manage_request(f"c{i:03d}", JOB_TYPE, f"s{i % 6}") for i in range(30)]
     ids = {r.message_id for r in requests}
     crashed: list[dict[str, Any]] = []
-    published_early: list[str] = []
+    published_by_life: list[list[str]] = []  # the job messages of each daemon's life, in order
     async with Publisher(amqp_url, "crash") as pub:
         await pub.send_all(requests)
         for n, at in enumerate(CRASHES):
@@ -61,9 +61,10 @@ async def test_crash_between_decision_and_publish(
             records = await request_records(shared_redis, namespace)
             assert records[facts["request_id"]]["job"] == facts["job_id"]
             early = [m.message_id or "" for m in await drain(amqp_url, f"jlm.jobs.{JOB_TYPE}")]
-            published_early += early
+            published_by_life.append(early)
             assert facts["job_id"] not in early
-            assert facts["request_id"] not in pub.replies
+            if not facts["replayed"]:  # a replayed decision may have been answered before
+                assert facts["request_id"] not in pub.replies
         survivor = spawn("survivor", amqp_url).start()
         await survivor.wait_ready()
         missing = await pub.wait_replies(ids, 60)
@@ -72,17 +73,27 @@ async def test_crash_between_decision_and_publish(
     assert await survivor.terminate() == 0
     left = await queue_count(amqp_url, "jlm.requests")
     evidence = await collect(amqp_url, shared_redis, namespace, [f"jlm.jobs.{JOB_TYPE}"])
-    evidence.job_messages += published_early
+    published_by_life.append(list(evidence.job_messages))
+    evidence.job_messages = [m for life in published_by_life for m in life]
     for facts in crashed:
         assert facts["enqueued"]
-        # The redelivered request published the very job that had been decided, once; unless
-        # a newer request of its scope superseded it before any delivery of it was published
-        # (a job that can never start is not published again).
-        published = evidence.job_messages.count(facts["job_id"])
-        state = evidence.jobs[facts["job_id"]]["state"]
-        assert published == 1 if state == "pending" else published <= 1, (facts, state)
+        # A redelivery publishes the very job that had been decided (its id, never a new one),
+        # and one daemon's life publishes it at most once. Across a kill it may be published
+        # again: a daemon killed after the confirm but before the request's ack and its
+        # record's "published" mark leaves a delivery that the next daemon replays (a crashed
+        # decision may itself be such a replay). A job still pending was published at least
+        # once; a newer request of its scope may have superseded it before any delivery of it
+        # was published (a job that can never start is not published again).
+        job = facts["job_id"]
+        per_life = [life.count(job) for life in published_by_life]
+        state = evidence.jobs[job]["state"]
+        assert max(per_life) <= 1, (facts, state, per_life)
+        if state == "pending":
+            assert sum(per_life) >= 1, (facts, state, per_life)
         assert state in {"pending", "cancelled"}
-        assert replies[facts["request_id"]] == [facts["reply"]]
+        # Every answer is the decision's reply (an earlier life may have answered a replay too).
+        answers = replies[facts["request_id"]]
+        assert answers == [facts["reply"]] * (len(answers) if facts["replayed"] else 1)
     acc = account("2 crash after decision", ids, replies, evidence, left, crashes=len(crashed))
     acc.report()
     assert acc.lost == 0
