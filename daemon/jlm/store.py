@@ -78,6 +78,10 @@ _PASSING_REPLY_CLASSES = (
 # Every script starts with `prelude.lua` (history notes, server time); the scripts that record a
 # decision with `record.lua` (lookup, replay, save) after it.
 RECORDING = ("manage", "cancel", "invalidate")
+# Scripts that only read. Every other script is declared as writing: Redis 7 then refuses it whole
+# at `maxmemory` (OOM, a passing cause) before it runs, where a script without a declaration
+# runs until its first refused write, and a first write that frees memory (DEL) lets it write on.
+READ_ONLY = ("status", "result")
 
 
 def _lua_file(name: str) -> str:
@@ -85,9 +89,10 @@ def _lua_file(name: str) -> str:
 
 
 def load_lua(name: str) -> str:
-    """A script's text as loaded: the preludes, then the script."""
+    """A script's text as loaded: its flags (Redis 7 shebang), the preludes, then the script."""
+    shebang = "#!lua flags=no-writes\n" if name in READ_ONLY else "#!lua\n"
     preludes = ("prelude", "record") if name in RECORDING else ("prelude",)
-    return "".join(_lua_file(part) for part in (*preludes, name))
+    return shebang + "".join(_lua_file(part) for part in (*preludes, name))
 
 
 def connect(

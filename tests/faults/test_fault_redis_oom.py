@@ -42,8 +42,9 @@ def fill(client: redis.Redis) -> int:
         return n
 
 
+@pytest.mark.parametrize("policy", ["skip", "replace"])
 async def test_redis_out_of_memory_pauses_writes_and_resumes(
-    spawn: DaemonFactory, amqp_url: str, tmp_path: Path
+    spawn: DaemonFactory, amqp_url: str, tmp_path: Path, policy: str
 ) -> None:
     server = RedisServer(
         tmp_path / "oom",
@@ -53,18 +54,22 @@ async def test_redis_out_of_memory_pauses_writes_and_resumes(
     try:
         daemon = spawn("m", amqp_url, server.url).start()
         await daemon.wait_ready()
-        # `skip`: a `replace` decision's first write is a DEL, which Redis never refuses, and
-        # after one write a script may write on (atomicity), so it goes on despite the limit.
-        body = b'{"job_type": "oom", "cache_prefix": "s%d", "payload": {}, "policy": "skip"}'
+        # A `replace` on a new scope writes a DEL first (of the cached result), which Redis never
+        # refuses: only a script refused before it runs keeps it from writing on past the limit.
+        template = '{"job_type": "oom", "cache_prefix": "s%d", "payload": {}, "policy": "%s"}'
+
+        def body(i: int) -> bytes:
+            return (template % (i, policy)).encode()
+
         ids = [f"oom{i}" for i in range(N)]
         client = server.client()
         async with Publisher(amqp_url, "oom", declare=False) as pub:
-            await pub.publish_raw("manage", body % 999, correlation_id="before", message_id="b")
+            await pub.publish_raw("manage", body(999), correlation_id="before", message_id="b")
             assert not await pub.wait_replies({"before"}, 30)
             filled = fill(client)
             full_at = time.monotonic()
             for i, mid in enumerate(ids):
-                await pub.publish_raw("manage", body % i, correlation_id=mid, message_id=mid)
+                await pub.publish_raw("manage", body(i), correlation_id=mid, message_id=mid)
             # Paused: not ready, Redis reported down, nothing answered, for as long as it lasts.
             while await daemon.ready():
                 assert time.monotonic() - full_at < 15, "still ready with Redis out of memory"
@@ -92,7 +97,7 @@ async def test_redis_out_of_memory_pauses_writes_and_resumes(
     finally:
         server.stop()
     Accounting(
-        "redis out of memory (noeviction)",
+        f"redis out of memory (noeviction, {policy})",
         sent=N + 1,
         acked=N + 1 - left,
         replied=len(replies),
