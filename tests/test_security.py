@@ -148,7 +148,16 @@ def auth(
 
 
 async def snapshot(redis: aioredis.Redis, namespace: str) -> dict[str, Any]:
-    """Every key of the namespace with its type, value and TTL."""
+    """Every key of the namespace with its type, value and TTL, once the daemon's "published"
+    marks have landed: a request record gets its `ok` a moment after the reply (written in
+    batches), which a snapshot taken right after a reply would otherwise race."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        records = [key async for key in redis.scan_iter(match=f"{namespace}:*:req:*", count=1000)]
+        marks = [await redis.hexists(key, "ok") for key in records]
+        if all(marks):
+            break
+        await asyncio.sleep(0.05)
     out: dict[str, Any] = {}
     async for key in redis.scan_iter(match=f"{namespace}:*", count=1000):
         kind = bytes(await redis.type(key)).decode()
