@@ -40,6 +40,7 @@ from jlm.protocol import (
 )
 from jlm.retry import STEP_RETRY_START, Backoff, RareLog
 from jlm.store import Store
+from jlm.tracing import TraceContext, continue_or_start, current, using
 
 log = logging.getLogger("jlm.service")  # the request lines keep their logger name
 T = TypeVar("T")
@@ -96,8 +97,11 @@ class Dispatcher:
         self.idle.clear()
         self.metrics.inflight.inc()
         outcome_label = "error"  # unless _serve returns: a lost session, or a defect
+        # Every log line of this request carries its trace id (jlm.tracing.TraceFilter).
+        trace = continue_or_start(message.headers)
         try:
-            outcome_label = await self._serve(broker, message, op, ctx)
+            with using(trace):
+                outcome_label = await self._serve(broker, message, op, ctx, trace)
         except SessionLost:
             pass
         finally:
@@ -113,9 +117,18 @@ class Dispatcher:
             m.child(m.request_duration, op_label).observe(time.perf_counter() - started)
 
     async def _serve(
-        self, broker: Broker, message: AbstractIncomingMessage, op: str, ctx: Context
+        self,
+        broker: Broker,
+        message: AbstractIncomingMessage,
+        op: str,
+        ctx: Context,
+        trace: TraceContext,
     ) -> str:
-        """Decide, publish and answer one request; its metric outcome."""
+        """Decide, publish and answer one request; its metric outcome.
+
+        The request's trace context goes onto its job message, its events and its reply.
+        """
+        headers = trace.headers()
         try:
             request, ctx = self._parse(message, op, ctx)
         except JlmError as exc:
@@ -127,15 +140,25 @@ class Dispatcher:
                 await self._reject(broker, message, op, outcome, ctx)
             else:
                 error = {"code": outcome.code, "message": outcome.message}
-                await self._answer(broker, message, {"success": False, "error": error})
+                await self._answer(broker, message, {"success": False, "error": error}, headers)
             return outcome.outcome
         confirmed: set[str] = set()  # what an earlier attempt got confirmed
         await self._retry(
             broker,
-            lambda: broker.publish_decision(outcome.job, outcome.queue, outcome.events, confirmed),
+            lambda: broker.publish_decision(
+                outcome.job, outcome.queue, outcome.events, confirmed, headers=headers
+            ),
         )
         self.lifecycle.published(outcome)
-        await self._answer(broker, message, outcome.reply)
+        await self._answer(broker, message, outcome.reply, headers)
+        job_id = outcome.job.job_id if outcome.job is not None else outcome.reply.get("job_id")
+        log.debug(
+            "%s request %s answered (job %s)",
+            op,
+            ctx.request_id[:64],
+            job_id,
+            extra={"request_id": ctx.request_id[:256], "job_id": job_id, "op": op},
+        )
         return "ok"
 
     def _parse(
@@ -240,6 +263,8 @@ class Dispatcher:
         error: JlmError,
         ctx: Context,
     ) -> None:
+        trace = current()
+        headers = trace.headers() if trace is not None else {}
         self._rare.warn_rarely(
             "reject:" + error.code,
             "rejected %s request %s: %s: %s",
@@ -258,24 +283,25 @@ class Dispatcher:
             if not dead_lettered:
                 await broker.dead_letter(message, error.code, error.message)
                 dead_lettered = True
-            await broker.publish_decision(None, None, outcome.events, confirmed)
+            await broker.publish_decision(None, None, outcome.events, confirmed, headers=headers)
 
         await self._retry(broker, publish)
         self.metrics.dead_lettered.labels(code=error.code).inc()
         # Never a reply to a queue outside the caller's grant, whatever else was wrong.
         send = error.replies and self.lifecycle.reply_allowed(ctx)
-        await self._answer(broker, message, outcome.reply, send_reply=send)
+        await self._answer(broker, message, outcome.reply, headers, send_reply=send)
 
     async def _answer(
         self,
         broker: Broker,
         message: AbstractIncomingMessage,
         reply: dict[str, Any],
+        headers: dict[str, str],
         *,
         send_reply: bool = True,
     ) -> None:
         if message.reply_to and send_reply:
-            await broker.reply(message.reply_to, message.correlation_id, reply)
+            await broker.reply(message.reply_to, message.correlation_id, reply, headers)
         try:
             await broker.ack(message)
         except (AMQPError, OSError, RuntimeError) as exc:
