@@ -4,18 +4,17 @@ inside the worker's handler and in the daemon's and the worker's log lines. Real
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import orjson
 import pytest
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
+from tests.amqp_helpers import rpc, take, tap
 from tests.support.daemon import DaemonProcess, env_for, wait_exit
 
 from jlm.config import Settings
@@ -30,58 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def trace_of(message: AbstractIncomingMessage) -> str | None:
     ctx = parse_traceparent((message.headers or {}).get("traceparent"))
     return ctx.trace_id if ctx is not None else None
-
-
-async def tap(ch: AbstractChannel, exchange: str, key: str) -> AbstractQueue:
-    """A private queue that gets a copy of what `exchange` routes with `key`."""
-    queue = await ch.declare_queue("", exclusive=True, auto_delete=True)
-    await queue.bind(exchange, routing_key=key)
-    return queue
-
-
-async def rpc(
-    ch: AbstractChannel,
-    replies: AbstractQueue,
-    op: str,
-    body: dict[str, Any],
-    headers: dict[str, Any] | None = None,
-) -> AbstractIncomingMessage:
-    """One request and its reply message (headers and all)."""
-    correlation_id = uuid.uuid4().hex
-    exchange = await ch.get_exchange("jlm.requests", ensure=False)
-    await exchange.publish(
-        aio_pika.Message(
-            orjson.dumps(body),
-            content_type="application/json",
-            message_id=uuid.uuid4().hex,
-            correlation_id=correlation_id,
-            reply_to=replies.name,
-            headers=headers or {},
-        ),
-        routing_key=op,
-    )
-    async with asyncio.timeout(20):
-        while True:
-            message = await replies.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.05)
-                continue
-            await message.ack()
-            if message.correlation_id == correlation_id:
-                return message
-
-
-async def take(queue: AbstractQueue, n: int, timeout: float = 30) -> list[AbstractIncomingMessage]:
-    out: list[AbstractIncomingMessage] = []
-    async with asyncio.timeout(timeout):
-        while len(out) < n:
-            message = await queue.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.05)
-                continue
-            await message.ack()
-            out.append(message)
-    return out
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
