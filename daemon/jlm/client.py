@@ -27,7 +27,7 @@ from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, PublishError
 from pamqp.commands import Basic
 from pydantic import BaseModel
 
-from jlm import tracing
+from jlm import otel, tracing
 from jlm.amqp.connect import connect_first, why
 from jlm.amqp.names import JSON, REQUESTS
 from jlm.client_errors import (
@@ -252,13 +252,13 @@ class JobsClient:
 
         The request carries `message_id` (a new one unless given: a retry with the same id and
         body is answered the same, and changes nothing twice) and the current trace context
-        (`jlm.tracing.current()`), if any.
+        (the current OpenTelemetry span's, else `jlm.tracing.current()`), if any.
         """
         channel = await self._ready()
         correlation_id = uuid.uuid4().hex
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = fut
-        trace = tracing.current()
+        trace = otel.current() or tracing.current()
         headers: dict[str, Any] = dict(trace.headers()) if trace is not None else {}
         props = Basic.Properties(
             content_type=JSON,

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
+from jlm import otel
 from jlm.amqp.transport import UNDECODABLE
 from jlm.broker import Broker
 from jlm.config import OPERATIONS, Settings
@@ -100,8 +101,14 @@ class Dispatcher:
         # Every log line of this request carries its trace id (jlm.tracing.TraceFilter).
         trace = continue_or_start(message.headers)
         try:
-            with using(trace):
-                outcome_label = await self._serve(broker, message, op, ctx, trace)
+            # With OpenTelemetry, the request's span; its context is what goes on.
+            with (
+                otel.span(
+                    f"jlm {op_label}", trace, kind="consumer", attributes=_attrs(op, ctx)
+                ) as sent,
+                using(sent),
+            ):
+                outcome_label = await self._serve(broker, message, op, ctx, sent or trace)
         except SessionLost:
             pass
         finally:
@@ -134,7 +141,8 @@ class Dispatcher:
         except JlmError as exc:
             await self._reject(broker, message, op, exc, ctx)
             return exc.outcome
-        outcome = await self._decide_in_lane(broker, op, request, ctx)
+        with otel.span("decision"):
+            outcome = await self._decide_in_lane(broker, op, request, ctx)
         if isinstance(outcome, JlmError):
             if outcome.disposition is Disposition.DEAD_LETTER:
                 await self._reject(broker, message, op, outcome, ctx)
@@ -143,12 +151,13 @@ class Dispatcher:
                 await self._answer(broker, message, {"success": False, "error": error}, headers)
             return outcome.outcome
         confirmed: set[str] = set()  # what an earlier attempt got confirmed
-        await self._retry(
-            broker,
-            lambda: broker.publish_decision(
-                outcome.job, outcome.queue, outcome.events, confirmed, headers=headers
-            ),
-        )
+        with otel.span("publish", kind="producer"):
+            await self._retry(
+                broker,
+                lambda: broker.publish_decision(
+                    outcome.job, outcome.queue, outcome.events, confirmed, headers=headers
+                ),
+            )
         self.lifecycle.published(outcome)
         await self._answer(broker, message, outcome.reply, headers)
         job_id = outcome.job.job_id if outcome.job is not None else outcome.reply.get("job_id")
@@ -309,6 +318,15 @@ class Dispatcher:
             # recorded decision is replayed. Never ack on another channel.
             log.info("ack lost with its channel (%s); the request will be replayed", exc)
             raise SessionLost from exc
+
+
+def _attrs(op: str, ctx: Context) -> dict[str, str]:
+    """The request span's attributes (OpenTelemetry's messaging conventions)."""
+    return {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.name": op[:64],
+        "messaging.message.id": ctx.request_id[:256],
+    }
 
 
 def _lane_key(request: Request) -> str:
