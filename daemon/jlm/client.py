@@ -223,6 +223,8 @@ class JobsClient:
                 if self._conn is None or self._conn.is_closed:
                     self._conn = await connect_first(self._settings, f"{self._name} client")
                 channel = await self._conn.channel(publisher_confirms=True, on_return_raises=True)
+                # A closed channel loses the replies of its requests: their callers learn it now.
+                channel.close_callbacks.add(self._fail_waiting)
                 raw: aiormq.abc.AbstractChannel = await channel.get_underlay_channel()
                 await raw.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
             except (Refused, Unavailable) as exc:
@@ -231,6 +233,12 @@ class JobsClient:
                 raise BrokerUnavailable(f"rabbitmq: {why(exc)}") from exc
             self._channel = raw
             return raw
+
+    def _fail_waiting(self, _channel: object, exc: BaseException | None = None) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(BrokerUnavailable(f"rabbitmq: channel closed: {exc}"))
 
     async def _on_reply(self, message: aiormq.abc.DeliveredMessage) -> None:
         fut = self._waiting.pop(message.header.properties.correlation_id or "", None)
@@ -296,6 +304,8 @@ class JobsClient:
                 ) from exc
         finally:
             self._waiting.pop(correlation_id, None)
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a failure here was already raised another way
         if reply.get("success") is not True:
             raise error_of(reply)
         return reply
