@@ -278,23 +278,7 @@ class JobsClient:
             headers=headers,
         )
         try:
-            try:
-                confirm = await channel.basic_publish(
-                    orjson.dumps(body),
-                    exchange=REQUESTS,
-                    routing_key=op,
-                    properties=props,
-                    mandatory=True,
-                )
-            except PublishError as exc:
-                raise BrokerUnavailable(
-                    f"{REQUESTS} routes nothing for {op!r}: no daemon ever "
-                    "declared its queue on this virtual host"
-                ) from exc
-            except (AMQPError, OSError, RuntimeError) as exc:
-                raise BrokerUnavailable(f"rabbitmq: publishing to {REQUESTS}: {why(exc)}") from exc
-            if not isinstance(confirm, Basic.Ack):
-                raise BrokerUnavailable(f"rabbitmq refused the request to {REQUESTS}")
+            await _publish(channel, op, orjson.dumps(body), props)
             wait = self.timeout if timeout is None else timeout
             try:
                 reply = await asyncio.wait_for(asyncio.shield(fut), wait)
@@ -364,6 +348,25 @@ class JobsClient:
     def job(self, job_id: str) -> Job:
         """A handle on one job."""
         return Job(self, job_id)
+
+
+async def _publish(
+    channel: aiormq.abc.AbstractChannel, op: str, body: bytes, props: Basic.Properties
+) -> None:
+    """Publish a request to jlm.requests, mandatory and confirmed; BrokerUnavailable if not."""
+    try:
+        confirm = await channel.basic_publish(
+            body, exchange=REQUESTS, routing_key=op, properties=props, mandatory=True
+        )
+    except PublishError as exc:
+        raise BrokerUnavailable(
+            f"{REQUESTS} routes nothing for {op!r}: no daemon ever declared its queue on this "
+            "virtual host"
+        ) from exc
+    except (AMQPError, OSError, RuntimeError) as exc:
+        raise BrokerUnavailable(f"rabbitmq: publishing to {REQUESTS}: {why(exc)}") from exc
+    if not isinstance(confirm, Basic.Ack):
+        raise BrokerUnavailable(f"rabbitmq refused the request to {REQUESTS}")
 
 
 class Job:
