@@ -52,7 +52,7 @@ def configure() -> None:
         return
     if os.environ.get("OTEL_TRACES_EXPORTER", "none").lower() == "none":
         return
-    if type(otel_trace.get_tracer_provider()).__name__ != "ProxyTracerProvider":
+    if not isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider):
         return  # configured already
     try:
         from opentelemetry.sdk._configuration import _OTelSDKConfigurator
@@ -62,11 +62,21 @@ def configure() -> None:
         log.warning("OpenTelemetry not configured: %s: %s", type(exc).__name__, exc)
 
 
+_tracers: dict[int, Any] = {}
+
+
 def _tracer() -> Any:
+    """The tracer of the provider in use; None when there is none that records (the API's
+    default provider, before any is set), so that a span then costs nothing."""
     if otel_trace is None:
         return None
     provider = _provider if _provider is not None else otel_trace.get_tracer_provider()
-    return provider.get_tracer("jlm")
+    if isinstance(provider, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider):
+        return None
+    tracer = _tracers.get(id(provider))
+    if tracer is None:
+        tracer = _tracers[id(provider)] = provider.get_tracer("jlm")
+    return tracer
 
 
 def _parent(ctx: TraceContext) -> Any:
