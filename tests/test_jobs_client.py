@@ -173,6 +173,14 @@ async def test_typed_replies_and_errors(stack: Stack) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_settings_give_the_connection_options_and_the_url_wins(stack: Stack) -> None:
+    elsewhere = stack.settings.model_copy(update={"amqp_url": "amqp://nobody@127.0.0.1:1/"})
+    async with JobsClient.connect(stack.url, settings=elsewhere, user_id="guest") as jobs:
+        with pytest.raises(NotFound):
+            await jobs.status(f"0000000000-{uuid.uuid4().hex}")
+
+
+@pytest.mark.timeout(60)
 async def test_a_vhost_without_a_daemon_is_broker_unavailable(settings: Settings) -> None:
     async with JobsClient.connect(settings.amqp_urls[0], timeout=5) as jobs:
         with pytest.raises(BrokerUnavailable) as exc:

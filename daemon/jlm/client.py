@@ -172,9 +172,18 @@ class JobsClient:
     """
 
     def __init__(
-        self, url: str, *, user_id: str | None = None, timeout: float = 30.0, name: str = "jlm"
+        self,
+        url: str,
+        *,
+        user_id: str | None = None,
+        timeout: float = 30.0,
+        name: str = "jlm",
+        settings: Settings | None = None,
     ) -> None:
-        self._settings = Settings(amqp_url=url)
+        """`settings` (optional) gives the TLS files and the heartbeat; `url` replaces its
+        `amqp_url`."""
+        base = settings if settings is not None else Settings()
+        self._settings = base.model_copy(update={"amqp_url": url})
         self._user = user_id
         self.timeout = timeout
         self._name = name
