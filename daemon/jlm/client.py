@@ -3,15 +3,14 @@
 `JobsClient` is the publisher's client: a broker URL is all it needs, replies come over RabbitMQ
 Direct Reply-to (no queue per client), every request has a `message_id`, replies are pydantic
 models and errors typed exceptions (`jlm.client_errors`); `jobs.job(id)` is a handle on one job.
-`Client`, the raw one (untyped dicts, any body, a reply queue of its own), is what
-`jlm submit/status/...` and the tests use. Importing this module imports no Redis client.
+`Client`, the raw one (untyped dicts, any body, a reply queue of its own), is what tests use;
+the command line's requests go through `JobsClient`. Importing this module imports no Redis client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import Generator
 from datetime import UTC, datetime
@@ -23,7 +22,7 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
-from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, PublishError
+from aiormq.exceptions import AMQPError, ChannelAccessRefused, ChannelNotFoundEntity, PublishError
 from pamqp.commands import Basic
 from pydantic import BaseModel
 
@@ -32,16 +31,13 @@ from jlm.amqp.connect import connect_first, why
 from jlm.amqp.names import JSON, REQUESTS
 from jlm.client_errors import (
     BrokerUnavailable,
-    JobCancelled,
-    JobFailed,
     JobsError,
-    JobTimeout,
     ReplyTimeout,
-    ResultGone,
     error_of,
 )
 from jlm.config import Settings
 from jlm.errors import Refused, Unavailable
+from jlm.job_handle import Job
 from jlm.messages import CachedResult, CancelReply, Decision, InvalidateReply, JobStatus
 
 __all__ = [
@@ -57,7 +53,6 @@ __all__ = [
 ]
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-FINAL = frozenset({"succeeded", "failed", "cancelled"})
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -237,7 +232,7 @@ class JobsClient:
                 raw: aiormq.abc.AbstractChannel = await channel.get_underlay_channel()
                 await raw.basic_consume(DIRECT_REPLY_TO, self._on_reply, no_ack=True)
             except (Refused, Unavailable) as exc:
-                raise BrokerUnavailable(exc.message) from exc
+                raise BrokerUnavailable(exc.message, refused=isinstance(exc, Refused)) from exc
             except (AMQPError, OSError, RuntimeError) as exc:
                 raise BrokerUnavailable(f"rabbitmq: {why(exc)}") from exc
             self._channel = raw
@@ -275,8 +270,6 @@ class JobsClient:
         correlation_id = uuid.uuid4().hex
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = fut
-        trace = otel.current() or tracing.current()
-        headers: dict[str, Any] = dict(trace.headers()) if trace is not None else {}
         props = Basic.Properties(
             content_type=JSON,
             delivery_mode=2,
@@ -284,7 +277,7 @@ class JobsClient:
             correlation_id=correlation_id,
             reply_to=DIRECT_REPLY_TO,
             user_id=self._user,
-            headers=headers,
+            headers=self._trace_headers(),
         )
         try:
             await _publish(channel, op, orjson.dumps(body), props)
@@ -302,6 +295,41 @@ class JobsClient:
         if reply.get("success") is not True:
             raise error_of(reply)
         return reply
+
+    async def send(self, op: str, body: dict[str, Any], *, message_id: str | None = None) -> str:
+        """Publish a request (confirmed by the broker) without waiting for a reply: the daemon
+        answers no one. Its `message_id`, to find its outcome in the events."""
+        channel = await self._ready()
+        message_id = message_id or uuid.uuid4().hex
+        props = Basic.Properties(
+            content_type=JSON,
+            delivery_mode=2,
+            message_id=message_id,
+            user_id=self._user,
+            headers=self._trace_headers(),
+        )
+        await _publish(channel, op, orjson.dumps(body), props)
+        return message_id
+
+    async def consumers(self) -> int | None:
+        """How many consumers `jlm.requests` has (0: no daemon is running); None when it does
+        not exist (no daemon ever ran on this virtual host)."""
+        await self._ready()
+        assert self._conn is not None
+        channel = await self._conn.channel()
+        try:
+            queue = await channel.declare_queue(REQUESTS, passive=True)
+            return queue.declaration_result.consumer_count or 0
+        except ChannelNotFoundEntity:
+            return None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    @staticmethod
+    def _trace_headers() -> dict[str, Any]:
+        trace = otel.current() or tracing.current()
+        return dict(trace.headers()) if trace is not None else {}
 
     async def _typed(self, model: type[M], op: str, body: dict[str, Any], **kw: Any) -> M:
         return model.model_validate(await self.request(op, body, **kw))
@@ -372,60 +400,12 @@ async def _publish(
             f"{REQUESTS} routes nothing for {op!r}: no daemon ever declared its queue on this "
             "virtual host"
         ) from exc
+    except ChannelAccessRefused as exc:
+        raise BrokerUnavailable(
+            f"rabbitmq: {why(exc)} (check the user's permissions on this virtual host)",
+            refused=True,
+        ) from exc
     except (AMQPError, OSError, RuntimeError) as exc:
         raise BrokerUnavailable(f"rabbitmq: publishing to {REQUESTS}: {why(exc)}") from exc
     if not isinstance(confirm, Basic.Ack):
         raise BrokerUnavailable(f"rabbitmq refused the request to {REQUESTS}")
-
-
-class Job:
-    """One job, by id: `status()`, `result(timeout=)`, `cancel(running=)`."""
-
-    def __init__(self, client: JobsClient, job_id: str) -> None:
-        self.client = client
-        self.id = job_id
-
-    def __repr__(self) -> str:
-        return f"Job({self.id!r})"
-
-    async def status(self) -> JobStatus:
-        return await self.client.status(self.id)
-
-    async def cancel(self, *, running: bool = False) -> CancelReply:
-        return await self.client.cancel(self.id, running=running)
-
-    async def wait(self, timeout: float | None = None) -> JobStatus:
-        """The job's status once it is final (succeeded, failed, cancelled); JobTimeout if it is
-        not within `timeout` seconds (None: wait as long as it takes)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.05
-        while True:
-            status = await self.status()
-            if status.state in FINAL:
-                return status
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise JobTimeout(f"job {self.id} is still {status.state} after {timeout:g}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    async def result(self, timeout: float | None = None) -> Any:
-        """The job's result once it succeeded (the scope's cached result, if still its own).
-
-        JobFailed, JobCancelled, ResultGone or JobTimeout otherwise.
-        """
-        status = await self.wait(timeout)
-        if status.state == "failed":
-            raise JobFailed(f"job {self.id} failed: {status.error or 'no error recorded'}")
-        if status.state == "cancelled":
-            raise JobCancelled(f"job {self.id} was cancelled")
-        cached = await self.client.cached(status.job_type, prefix=status.cache_prefix)
-        if not cached.cached or cached.job_id != self.id:
-            raise ResultGone(
-                f"job {self.id} succeeded, but the scope's cached result is "
-                + (
-                    "gone (expired or invalidated)"
-                    if not cached.cached
-                    else f"job {cached.job_id}'s"
-                )
-            )
-        return cached.result

@@ -93,9 +93,14 @@ def error_of(reply: dict[str, Any]) -> RequestFailed:
 
 class BrokerUnavailable(JobsError):
     """The broker cannot be reached, or refused what the client needs (e.g. no `jlm.requests`
-    exchange: no daemon ever ran on this virtual host)."""
+    exchange: no daemon ever ran on this virtual host). `refused`: the broker answered no (a
+    login, a virtual host, a permission), so only a change of settings helps."""
 
     code = "unavailable"
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class ReplyTimeout(JobsError, TimeoutError):
