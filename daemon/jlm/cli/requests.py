@@ -45,9 +45,8 @@ def request(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _ask(settings: Settings, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
-    from jlm.amqp.names import REQUESTS
-    from jlm.client import JobsClient, url_user, url_vhost
-    from jlm.client_errors import BrokerUnavailable, ReplyTimeout, RequestFailed
+    from jlm.client import JobsClient, url_user
+    from jlm.client_errors import BrokerUnavailable
 
     # Name ourselves (RabbitMQ checks user_id against the connection's user), so that a daemon
     # with authorisation on knows who asks.
@@ -56,54 +55,68 @@ async def _ask(settings: Settings, args: argparse.Namespace, op: str, body: dict
     )
     try:
         async with client:
-            consumers = await client.consumers()
-            vhost = url_vhost(settings)
-            if consumers is None:
-                return fail(
-                    args,
-                    "no_daemon",
-                    f"{REQUESTS} does not exist on virtual host {vhost!r}: no daemon has run "
-                    "here; start one with `jlm run` (nothing was sent)",
-                    EX_UNAVAILABLE,
-                )
-            anyway = getattr(args, "queue_anyway", False)
-            if consumers == 0 and not anyway:
-                more = " or add --queue-anyway" if hasattr(args, "queue_anyway") else ""
-                return fail(
-                    args,
-                    "no_daemon",
-                    f"no daemon consumes {REQUESTS} on virtual host {vhost!r}: nothing was sent; "
-                    f"start one with `jlm run`{more}",
-                    EX_UNAVAILABLE,
-                )
-            if args.command == "submit" and args.no_wait:
-                return await _fire(client, args, op, body)
-            message_id = uuid.uuid4().hex
-            try:
-                reply = await client.request(op, body, message_id=message_id)
-            except ReplyTimeout:
-                return fail(
-                    args,
-                    "timeout",
-                    f"no reply within {args.timeout:g}s: the request is still queued in "
-                    f"{REQUESTS} and will be applied when a daemon consumes it "
-                    f"(`jlm events --follow --request {message_id}` shows when)",
-                    EX_UNAVAILABLE,
-                )
-            except RequestFailed as exc:
-                hint = HINTS.get(exc.code)
-                return fail(args, exc.code, exc.message + (f" ({hint})" if hint else ""), EX_ERROR)
-            if args.command == "submit" and args.until_done:
-                reply = await _until_done(client, reply, args)
-                if not reply.get("success"):
-                    error = reply["error"]
-                    return fail(args, error["code"], error["message"], EX_UNAVAILABLE)
-            out(args, reply, describe(args.command, reply))
-            return EX_OK
+            return await _ask_daemon(client, settings, args, op, body)
     except BrokerUnavailable as exc:
-        if exc.refused:
+        if exc.refused:  # a login, a virtual host, a permission: only the settings can help
             return fail(args, "refused", exc.message, EX_CONFIG)
         return fail(args, "unavailable", exc.message, EX_UNAVAILABLE)
+
+
+async def _ask_daemon(
+    client: JobsClient,
+    settings: Settings,
+    args: argparse.Namespace,
+    op: str,
+    body: dict[str, Any],
+) -> int:
+    from jlm.amqp.names import REQUESTS
+    from jlm.client import url_vhost
+    from jlm.client_errors import ReplyTimeout, RequestFailed
+
+    consumers = await client.consumers()
+    vhost = url_vhost(settings)
+    if consumers is None:
+        return fail(
+            args,
+            "no_daemon",
+            f"{REQUESTS} does not exist on virtual host {vhost!r}: no daemon has run here; "
+            "start one with `jlm run` (nothing was sent)",
+            EX_UNAVAILABLE,
+        )
+    anyway = getattr(args, "queue_anyway", False)
+    if consumers == 0 and not anyway:
+        more = " or add --queue-anyway" if hasattr(args, "queue_anyway") else ""
+        return fail(
+            args,
+            "no_daemon",
+            f"no daemon consumes {REQUESTS} on virtual host {vhost!r}: nothing was sent; "
+            f"start one with `jlm run`{more}",
+            EX_UNAVAILABLE,
+        )
+    if args.command == "submit" and args.no_wait:
+        return await _fire(client, args, op, body)
+    message_id = uuid.uuid4().hex
+    try:
+        reply = await client.request(op, body, message_id=message_id)
+    except ReplyTimeout:
+        return fail(
+            args,
+            "timeout",
+            f"no reply within {args.timeout:g}s: the request is still queued in {REQUESTS} "
+            "and will be applied when a daemon consumes it "
+            f"(`jlm events --follow --request {message_id}` shows when)",
+            EX_UNAVAILABLE,
+        )
+    except RequestFailed as exc:
+        hint = HINTS.get(exc.code)
+        return fail(args, exc.code, exc.message + (f" ({hint})" if hint else ""), EX_ERROR)
+    if args.command == "submit" and args.until_done:
+        reply = await _until_done(client, reply, args)
+        if not reply.get("success"):
+            error = reply["error"]
+            return fail(args, error["code"], error["message"], EX_UNAVAILABLE)
+    out(args, reply, describe(args.command, reply))
+    return EX_OK
 
 
 async def _fire(client: JobsClient, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
