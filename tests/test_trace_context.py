@@ -141,3 +141,22 @@ async def test_a_request_without_a_valid_traceparent_starts_a_new_trace(
             assert trace_of(second) not in (None, new_trace)  # each request its own trace
     finally:
         await daemon.terminate()
+
+
+@pytest.mark.timeout(60)
+async def test_a_rejected_request_keeps_its_trace(settings: Settings, tmp_path: Path) -> None:
+    """Its error reply and its `request.rejected` event carry the request's trace."""
+    daemon = DaemonProcess.of(settings, tmp_path)
+    try:
+        await daemon.wait_ready()
+        async with await aio_pika.connect(settings.amqp_urls[0]) as conn:
+            ch = await conn.channel()
+            replies = await ch.declare_queue("", exclusive=True, auto_delete=True)
+            events = await tap(ch, "jlm.events", "request.rejected")
+            body = {"job_type": JOB_TYPE, "payload": {}, "priorty": 5}
+            reply = await rpc(ch, replies, "manage", body, {"traceparent": TRACEPARENT})
+            assert orjson.loads(reply.body)["error"]["code"] == "invalid_request"
+            (rejected,) = await take(events, 1)
+            assert trace_of(reply) == trace_of(rejected) == TRACE_ID
+    finally:
+        await daemon.terminate()
