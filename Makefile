@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install services tools run test test-unit test-fast test-faults test-cluster lint format bench bench-quick clean
+.PHONY: install services tools run test test-unit test-fast test-faults test-cluster lint format schemas bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ lint: install
 	$(BIN)/ruff check daemon tests bench
 	$(BIN)/ruff format --check daemon tests bench
 	$(BIN)/mypy
+
+# docs/schemas/*.json from the wire models (tests/test_schemas.py fails when they are stale).
+schemas: install
+	$(BIN)/python -m jlm.schemas docs/schemas
 
 format: install
 	$(BIN)/ruff format daemon tests bench

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from jlm.config import Settings
 
@@ -74,3 +75,55 @@ async def read_stream(settings: Settings, *, idle: float = 1.0) -> list[dict[str
     """Every event in jlm.provenance, oldest first."""
     async with await aio_pika.connect(settings.amqp_urls[0]) as conn:
         return await events_on(conn, idle=idle)
+
+
+async def tap(ch: AbstractChannel, exchange: str, key: str) -> AbstractQueue:
+    """A private queue that gets a copy of what `exchange` routes with `key`."""
+    queue = await ch.declare_queue("", exclusive=True, auto_delete=True)
+    await queue.bind(exchange, routing_key=key)
+    return queue
+
+
+async def rpc(
+    ch: AbstractChannel,
+    replies: AbstractQueue,
+    op: str,
+    body: dict[str, Any],
+    headers: dict[str, Any] | None = None,
+) -> AbstractIncomingMessage:
+    """One request and its reply message (headers and all)."""
+    correlation_id = uuid.uuid4().hex
+    exchange = await ch.get_exchange("jlm.requests", ensure=False)
+    await exchange.publish(
+        aio_pika.Message(
+            orjson.dumps(body),
+            content_type="application/json",
+            message_id=uuid.uuid4().hex,
+            correlation_id=correlation_id,
+            reply_to=replies.name,
+            headers=headers or {},
+        ),
+        routing_key=op,
+    )
+    async with asyncio.timeout(20):
+        while True:
+            message = await replies.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            await message.ack()
+            if message.correlation_id == correlation_id:
+                return message
+
+
+async def take(queue: AbstractQueue, n: int, timeout: float = 30) -> list[AbstractIncomingMessage]:
+    out: list[AbstractIncomingMessage] = []
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+                continue
+            await message.ack()
+            out.append(message)
+    return out

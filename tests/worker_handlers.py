@@ -87,3 +87,15 @@ async def failing(job: Job) -> None:
     """Always fail, counting each attempt."""
     await _redis().hincrby(key("runs"), job.id, 1)
     raise RuntimeError(f"boom on attempt {job.attempt}")
+
+
+async def traced(job: Job) -> dict[str, Any]:
+    """What a handler sees of its job's trace: the job's own attributes and the current context."""
+    from jlm import tracing
+
+    ctx = tracing.current()
+    return {
+        "trace_id": job.trace_id,
+        "traceparent": job.traceparent,
+        "current": ctx.trace_id if ctx is not None else None,
+    }

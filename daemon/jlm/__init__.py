@@ -1,8 +1,9 @@
 """job-lifecycle-manager: a deduplicating job lifecycle daemon, its worker SDK and its client.
 
-The public API: `Worker` and `Job` (the worker SDK, `jlm.worker`), `Client` (`jlm.client`) and
-`__version__` (the installed package's, from pyproject.toml). Each is imported on first use, so
-that `import jlm` (and the command line's start-up) costs nothing of AMQP, Redis or pydantic.
+The public API: `Worker` and `Job` (the worker SDK, `jlm.worker`), `JobsClient` and `Client`
+(`jlm.client`) and `__version__` (the installed package's, from pyproject.toml). Each is imported
+on first use, so that `import jlm` (and the command line's start-up) costs nothing of AMQP, Redis
+or pydantic.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from jlm.client import Client
+    from jlm.client import Client, JobsClient
     from jlm.worker import Job, Worker
 
     __version__: str
 
-__all__ = ["Client", "Job", "Worker", "__version__"]
+__all__ = ["Client", "Job", "JobsClient", "Worker", "__version__"]
 
-_LAZY = {"Client": "jlm.client", "Job": "jlm.worker", "Worker": "jlm.worker"}
+_LAZY = {
+    "Client": "jlm.client",
+    "JobsClient": "jlm.client",
+    "Job": "jlm.worker",
+    "Worker": "jlm.worker",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -201,13 +201,17 @@ class Broker(AmqpSession):
         queue: str | None,
         events: list[Event],
         done: set[str] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Publish a decision's job message and events; return once the broker confirmed all.
 
         The job before its events: no event says "enqueued" until the broker has the job, and a
         refused or unroutable job is retried without its events. `done` holds the message ids
         an earlier attempt of the same decision got confirmed; they are not sent again.
+        `headers` (the request's trace context) go on every message.
         """
+        headers = headers or {}
         started = time.perf_counter()
         done = set() if done is None else done
         if job is not None:
@@ -221,7 +225,7 @@ class Broker(AmqpSession):
             # The same properties aio_pika.Message would build, without its per-message cost.
             props = Basic.Properties(
                 content_type=JSON,
-                headers={},
+                headers=dict(headers),
                 delivery_mode=2,
                 priority=job.priority,
                 message_id=job.job_id,
@@ -232,7 +236,7 @@ class Broker(AmqpSession):
         for event in events:
             props = Basic.Properties(
                 content_type=JSON,
-                headers={},
+                headers=dict(headers),
                 delivery_mode=2,
                 priority=0,
                 message_id=event.provenance_id,
@@ -284,8 +288,15 @@ class Broker(AmqpSession):
         dead = Outgoing(DEAD, message.routing_key or "", msg.body, msg.properties, False)
         await self.publish_confirmed([dead], set())
 
-    async def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
-        """Answer on the default exchange; a caller that went away is not an error."""
+    async def reply(
+        self,
+        reply_to: str,
+        correlation_id: str | None,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer on the default exchange (with the request's trace `headers`); a caller that
+        went away is not an error."""
         if reply_to.startswith("jlm."):
             # The default exchange reaches every queue of the vhost: a caller must not aim the
             # daemon's replies at its own queues (jobs, requests, dead letters, provenance).
@@ -294,7 +305,7 @@ class Broker(AmqpSession):
         assert self._reply_ch is not None
         props = Basic.Properties(
             content_type=JSON,
-            headers={},
+            headers=dict(headers or {}),
             delivery_mode=1,
             priority=0,
             correlation_id=correlation_id,

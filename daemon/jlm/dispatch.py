@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
+from jlm import otel
 from jlm.amqp.transport import UNDECODABLE
 from jlm.broker import Broker
 from jlm.config import OPERATIONS, Settings
@@ -40,6 +41,7 @@ from jlm.protocol import (
 )
 from jlm.retry import STEP_RETRY_START, Backoff, RareLog
 from jlm.store import Store
+from jlm.tracing import TraceContext, continue_or_start, current, using
 
 log = logging.getLogger("jlm.service")  # the request lines keep their logger name
 T = TypeVar("T")
@@ -96,8 +98,17 @@ class Dispatcher:
         self.idle.clear()
         self.metrics.inflight.inc()
         outcome_label = "error"  # unless _serve returns: a lost session, or a defect
+        # Every log line of this request carries its trace id (jlm.tracing.TraceFilter).
+        trace = continue_or_start(message.headers)
         try:
-            outcome_label = await self._serve(broker, message, op, ctx)
+            # With OpenTelemetry, the request's span; its context is what goes on.
+            with (
+                otel.span(
+                    f"jlm {op_label}", trace, kind="consumer", attributes=_attrs(op, ctx)
+                ) as sent,
+                using(sent),
+            ):
+                outcome_label = await self._serve(broker, message, op, ctx, sent or trace)
         except SessionLost:
             pass
         finally:
@@ -113,29 +124,50 @@ class Dispatcher:
             m.child(m.request_duration, op_label).observe(time.perf_counter() - started)
 
     async def _serve(
-        self, broker: Broker, message: AbstractIncomingMessage, op: str, ctx: Context
+        self,
+        broker: Broker,
+        message: AbstractIncomingMessage,
+        op: str,
+        ctx: Context,
+        trace: TraceContext,
     ) -> str:
-        """Decide, publish and answer one request; its metric outcome."""
+        """Decide, publish and answer one request; its metric outcome.
+
+        The request's trace context goes onto its job message, its events and its reply.
+        """
+        headers = trace.headers()
         try:
             request, ctx = self._parse(message, op, ctx)
         except JlmError as exc:
             await self._reject(broker, message, op, exc, ctx)
             return exc.outcome
-        outcome = await self._decide_in_lane(broker, op, request, ctx)
+        with otel.span("decision"):
+            outcome = await self._decide_in_lane(broker, op, request, ctx)
         if isinstance(outcome, JlmError):
             if outcome.disposition is Disposition.DEAD_LETTER:
                 await self._reject(broker, message, op, outcome, ctx)
             else:
                 error = {"code": outcome.code, "message": outcome.message}
-                await self._answer(broker, message, {"success": False, "error": error})
+                await self._answer(broker, message, {"success": False, "error": error}, headers)
             return outcome.outcome
         confirmed: set[str] = set()  # what an earlier attempt got confirmed
-        await self._retry(
-            broker,
-            lambda: broker.publish_decision(outcome.job, outcome.queue, outcome.events, confirmed),
-        )
+        with otel.span("publish", kind="producer"):
+            await self._retry(
+                broker,
+                lambda: broker.publish_decision(
+                    outcome.job, outcome.queue, outcome.events, confirmed, headers=headers
+                ),
+            )
         self.lifecycle.published(outcome)
-        await self._answer(broker, message, outcome.reply)
+        await self._answer(broker, message, outcome.reply, headers)
+        job_id = outcome.job.job_id if outcome.job is not None else outcome.reply.get("job_id")
+        log.debug(
+            "%s request %s answered (job %s)",
+            op,
+            ctx.request_id[:64],
+            job_id,
+            extra={"request_id": ctx.request_id[:256], "job_id": job_id, "op": op},
+        )
         return "ok"
 
     def _parse(
@@ -240,6 +272,8 @@ class Dispatcher:
         error: JlmError,
         ctx: Context,
     ) -> None:
+        trace = current()
+        headers = trace.headers() if trace is not None else {}
         self._rare.warn_rarely(
             "reject:" + error.code,
             "rejected %s request %s: %s: %s",
@@ -258,24 +292,25 @@ class Dispatcher:
             if not dead_lettered:
                 await broker.dead_letter(message, error.code, error.message)
                 dead_lettered = True
-            await broker.publish_decision(None, None, outcome.events, confirmed)
+            await broker.publish_decision(None, None, outcome.events, confirmed, headers=headers)
 
         await self._retry(broker, publish)
         self.metrics.dead_lettered.labels(code=error.code).inc()
         # Never a reply to a queue outside the caller's grant, whatever else was wrong.
         send = error.replies and self.lifecycle.reply_allowed(ctx)
-        await self._answer(broker, message, outcome.reply, send_reply=send)
+        await self._answer(broker, message, outcome.reply, headers, send_reply=send)
 
     async def _answer(
         self,
         broker: Broker,
         message: AbstractIncomingMessage,
         reply: dict[str, Any],
+        headers: dict[str, str],
         *,
         send_reply: bool = True,
     ) -> None:
         if message.reply_to and send_reply:
-            await broker.reply(message.reply_to, message.correlation_id, reply)
+            await broker.reply(message.reply_to, message.correlation_id, reply, headers)
         try:
             await broker.ack(message)
         except (AMQPError, OSError, RuntimeError) as exc:
@@ -283,6 +318,15 @@ class Dispatcher:
             # recorded decision is replayed. Never ack on another channel.
             log.info("ack lost with its channel (%s); the request will be replayed", exc)
             raise SessionLost from exc
+
+
+def _attrs(op: str, ctx: Context) -> dict[str, str]:
+    """The request span's attributes (OpenTelemetry's messaging conventions)."""
+    return {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.name": op[:64],
+        "messaging.message.id": ctx.request_id[:256],
+    }
 
 
 def _lane_key(request: Request) -> str:

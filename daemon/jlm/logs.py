@@ -17,8 +17,9 @@ from typing import IO, Any
 import orjson
 
 from jlm.config import redact_url
+from jlm.tracing import TraceFilter
 
-_FIELDS = ("request_id", "job_id", "scope", "decision", "op", "worker")
+_FIELDS = ("request_id", "job_id", "trace_id", "scope", "decision", "op", "worker")
 
 
 class JsonFormatter(logging.Formatter):
@@ -93,6 +94,7 @@ def setup(level: str = "INFO", fmt: str = "auto", *, library_logs: bool = True) 
         formatter = JournalFormatter(formatter)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(TraceFilter())  # the trace id of the request or job being handled
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -64,6 +64,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     daemon = args.command in ("run", "worker")
     level = settings.log_level if daemon else "DEBUG" if args.verbose else "WARNING"
     logs.setup(level, settings.log_format, library_logs=args.verbose)
+    if daemon:
+        from jlm import otel
+
+        otel.configure()  # spans, when the [otel] extra is installed and OTEL_* ask for them
     if args.command == "check-config":
         from jlm.cli.check_config import check_config
 

@@ -12,10 +12,19 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from jlm.cli.aio import amqp_errors, asyncio_run
-from jlm.cli.output import EX_ERROR, EX_OK, EX_UNAVAILABLE, EX_USAGE, describe, fail, out
+from jlm.cli.output import (
+    EX_CONFIG,
+    EX_ERROR,
+    EX_OK,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    describe,
+    fail,
+    out,
+)
 
 if TYPE_CHECKING:
-    from jlm.client import Client
+    from jlm.client import JobsClient
     from jlm.config import Settings
 
 
@@ -36,65 +45,83 @@ def request(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _ask(settings: Settings, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
-    from jlm.amqp.names import REQUESTS
-    from jlm.client import Client, url_user, url_vhost
+    from jlm.client import JobsClient, url_user
+    from jlm.client_errors import BrokerUnavailable
 
     # Name ourselves (RabbitMQ checks user_id against the connection's user), so that a daemon
     # with authorisation on knows who asks.
-    async with Client(settings, user_id=url_user(settings)) as client:
-        consumers = await client.consumers()
-        vhost = url_vhost(settings)
-        if consumers is None:
-            return fail(
-                args,
-                "no_daemon",
-                f"{REQUESTS} does not exist on virtual host {vhost!r}: no daemon has run here; "
-                "start one with `jlm run` (nothing was sent)",
-                EX_UNAVAILABLE,
-            )
-        anyway = getattr(args, "queue_anyway", False)
-        if consumers == 0 and not anyway:
-            more = " or add --queue-anyway" if hasattr(args, "queue_anyway") else ""
-            return fail(
-                args,
-                "no_daemon",
-                f"no daemon consumes {REQUESTS} on virtual host {vhost!r}: nothing was sent; "
-                f"start one with `jlm run`{more}",
-                EX_UNAVAILABLE,
-            )
-        if args.command == "submit" and args.no_wait:
-            return await _fire(client, args, op, body)
-        message_id = uuid.uuid4().hex
-        try:
-            reply = await client.call(op, body, timeout=args.timeout, message_id=message_id)
-        except TimeoutError:
-            return fail(
-                args,
-                "timeout",
-                f"no reply within {args.timeout:g}s: the request is still queued in {REQUESTS} "
-                "and will be applied when a daemon consumes it "
-                f"(`jlm events --follow --request {message_id}` shows when)",
-                EX_UNAVAILABLE,
-            )
-        if not reply.get("success"):
-            error = reply.get("error", {})
-            code = error.get("code", "internal")
-            hint = HINTS.get(code)
-            message = error.get("message", "") + (f" ({hint})" if hint else "")
-            return fail(args, code, message, EX_ERROR)
-        if args.command == "submit" and args.until_done:
-            reply = await _until_done(client, reply, args)
-            if not reply.get("success"):
-                error = reply["error"]
-                return fail(args, error["code"], error["message"], EX_UNAVAILABLE)
-        out(args, reply, describe(args.command, reply))
-        return EX_OK
+    client = JobsClient(
+        settings.amqp_url, settings=settings, user_id=url_user(settings), timeout=args.timeout
+    )
+    try:
+        async with client:
+            return await _ask_daemon(client, settings, args, op, body)
+    except BrokerUnavailable as exc:
+        if exc.refused:  # a login, a virtual host, a permission: only the settings can help
+            return fail(args, "refused", exc.message, EX_CONFIG)
+        return fail(args, "unavailable", exc.message, EX_UNAVAILABLE)
 
 
-async def _fire(client: Client, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
-    """`submit --no-wait`: publish (confirmed by the broker), say how to see the decision."""
+async def _ask_daemon(
+    client: JobsClient,
+    settings: Settings,
+    args: argparse.Namespace,
+    op: str,
+    body: dict[str, Any],
+) -> int:
+    from jlm.amqp.names import REQUESTS
+    from jlm.client import url_vhost
+    from jlm.client_errors import ReplyTimeout, RequestFailed
+
+    consumers = await client.consumers()
+    vhost = url_vhost(settings)
+    if consumers is None:
+        return fail(
+            args,
+            "no_daemon",
+            f"{REQUESTS} does not exist on virtual host {vhost!r}: no daemon has run here; "
+            "start one with `jlm run` (nothing was sent)",
+            EX_UNAVAILABLE,
+        )
+    anyway = getattr(args, "queue_anyway", False)
+    if consumers == 0 and not anyway:
+        more = " or add --queue-anyway" if hasattr(args, "queue_anyway") else ""
+        return fail(
+            args,
+            "no_daemon",
+            f"no daemon consumes {REQUESTS} on virtual host {vhost!r}: nothing was sent; "
+            f"start one with `jlm run`{more}",
+            EX_UNAVAILABLE,
+        )
+    if args.command == "submit" and args.no_wait:
+        return await _fire(client, args, op, body)
     message_id = uuid.uuid4().hex
-    await client.send(op, body, wait=False, message_id=message_id)
+    try:
+        reply = await client.request(op, body, message_id=message_id)
+    except ReplyTimeout:
+        return fail(
+            args,
+            "timeout",
+            f"no reply within {args.timeout:g}s: the request is still queued in {REQUESTS} "
+            "and will be applied when a daemon consumes it "
+            f"(`jlm events --follow --request {message_id}` shows when)",
+            EX_UNAVAILABLE,
+        )
+    except RequestFailed as exc:
+        hint = HINTS.get(exc.code)
+        return fail(args, exc.code, exc.message + (f" ({hint})" if hint else ""), EX_ERROR)
+    if args.command == "submit" and args.until_done:
+        reply = await _until_done(client, reply, args)
+        if not reply.get("success"):
+            error = reply["error"]
+            return fail(args, error["code"], error["message"], EX_UNAVAILABLE)
+    out(args, reply, describe(args.command, reply))
+    return EX_OK
+
+
+async def _fire(client: JobsClient, args: argparse.Namespace, op: str, body: dict[str, Any]) -> int:
+    """`submit --no-wait`: publish (confirmed by the broker), say how to see the decision."""
+    message_id = await client.send(op, body)
     see = f"jlm events --since 5m --request {message_id}"
     reply = {"success": True, "submitted": True, "decided": False, "request_id": message_id}
     out(
@@ -137,7 +164,7 @@ def _request_body(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | str:
 
 
 async def _until_done(
-    client: Client, reply: dict[str, Any], args: argparse.Namespace
+    client: JobsClient, reply: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
     """Poll the job's status until a final state; on a terminal, show each change on stderr."""
     import asyncio
@@ -152,7 +179,7 @@ async def _until_done(
     status: dict[str, Any] = {}
     while state not in FINAL_STATES and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        status = await client.call("status", {"job_id": job_id}, timeout=args.timeout)
+        status = await _reply(client, "status", {"job_id": job_id})
         if status.get("state") != state:
             state = status.get("state")
             if show:
@@ -163,7 +190,9 @@ async def _until_done(
             print(f"\rjlm: {state}, {took:.0f}s", end="", file=sys.stderr, flush=True)
     out = dict(reply, state=state)
     if state == "succeeded":
-        res = await client.call("result", {"job_type": args.job_type, "cache_prefix": args.prefix})
+        res = await _reply(
+            client, "result", {"job_type": args.job_type, "cache_prefix": args.prefix}
+        )
         if res.get("job_id") == job_id:
             out["result"] = res.get("result")
     elif state not in FINAL_STATES:
@@ -176,3 +205,13 @@ async def _until_done(
     elif status.get("error"):
         out["job_error"] = status["error"]
     return out
+
+
+async def _reply(client: JobsClient, op: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The reply as a dict, an error reply included (polling goes on past one)."""
+    from jlm.client_errors import RequestFailed
+
+    try:
+        return await client.request(op, body)
+    except RequestFailed as exc:
+        return {"success": False, "error": {"code": exc.code, "message": exc.message}}

@@ -21,6 +21,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
+from jlm import tracing
 from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
 from jlm.http_server import HttpServer
@@ -268,6 +269,8 @@ class Worker:
         self, broker: WorkerBroker, message: AbstractIncomingMessage, later: list[Awaitable[None]]
     ) -> Settle:
         """Claim and run; `later` gets what is published once the message is settled."""
+        # This task (and the handler's) continues the job's trace: its logs and events carry it.
+        tracing.adopt(tracing.from_headers(message.headers))
         msg = parse_job_message(message.body)
         if msg is None:
             later.append(self._emit(invalid(self._deps, self.job_type, message.message_id)))
@@ -333,6 +336,7 @@ class Worker:
             priority=int(facts.get("priority") or msg.priority),
             attempt=int(facts.get("attempt", 1)),
             enqueued_at=msg.enqueued_at,
+            traceparent=trace.traceparent if (trace := tracing.current()) else None,
         )
         active = Active(job, Run(job.id, self.id, int(facts.get("claim", 0))))
         self._active[job.id] = active

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import aio_pika
 import orjson
@@ -10,6 +11,7 @@ from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
+from jlm import tracing
 from jlm.amqp.names import EVENTS, JOBS, JSON
 from jlm.amqp.session import AmqpSession, Callback, Outgoing
 from jlm.config import Settings
@@ -82,7 +84,7 @@ class WorkerBroker(AmqpSession):
         stream nothing is bound to jlm.events, and a worker must not stop for that."""
         props = Basic.Properties(
             content_type=JSON,
-            headers={},
+            headers=_trace_headers(),
             delivery_mode=2,
             priority=0,
             message_id=event.provenance_id,
@@ -96,9 +98,15 @@ class WorkerBroker(AmqpSession):
         """Re-publish a job message for a retry: same id and priority, the next generation."""
         props = Basic.Properties(
             content_type=JSON,
-            headers={GEN_HEADER: gen},
+            headers={GEN_HEADER: gen, **_trace_headers()},
             delivery_mode=2,
             priority=priority,
             message_id=job_id,
         )
         await self._publish(Outgoing(JOBS, job_type, body, props, True))
+
+
+def _trace_headers() -> dict[str, Any]:
+    """The trace context of the job being handled (its events and retries continue it)."""
+    ctx = tracing.current()
+    return dict(ctx.headers()) if ctx is not None else {}

@@ -17,12 +17,14 @@ import orjson
 from jlm.keys import tag_of_job
 from jlm.protocol import JobMessage, iso
 from jlm.provenance import Event, new_id, scope_of
+from jlm.tracing import parse_traceparent
 from jlm.worker.store import Run
 
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """The job a handler runs. `attempt` counts from 1."""
+    """The job a handler runs. `attempt` counts from 1. `traceparent` is the W3C trace context
+    its message carried (the enqueuing request's), None when it carried none."""
 
     id: str
     job_type: str
@@ -31,6 +33,13 @@ class Job:
     priority: int
     attempt: int
     enqueued_at: str | None = None
+    traceparent: str | None = None
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace this job belongs to (the request's that enqueued it)."""
+        ctx = parse_traceparent(self.traceparent)
+        return ctx.trace_id if ctx is not None else None
 
 
 Handler = Callable[[Job], Awaitable[Any]]

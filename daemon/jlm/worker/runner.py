@@ -13,11 +13,13 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
+from jlm import otel
 from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.provenance import Event
 from jlm.retry import STEP_RETRY_START, Backoff
+from jlm.tracing import current, using
 from jlm.worker.job import Active, Handler, ReceivedJob, now, worker_event
 from jlm.worker.store import Facts, Outcome, WorkerStore
 
@@ -114,7 +116,16 @@ class JobRunner:
     # -- the handler -----------------------------------------------------------------------------
 
     async def _call(self) -> Any:
-        return await self._d.handler(self._job)
+        # With OpenTelemetry, the run's span: the handler's own spans are its children.
+        job = self._job
+        attrs = {"jlm.job_id": job.id, "jlm.attempt": job.attempt}
+        with (
+            otel.span(
+                f"jlm job {job.job_type}", current(), kind="consumer", attributes=attrs
+            ) as ctx,
+            using(ctx),
+        ):
+            return await self._d.handler(job)
 
     def _outcome(self, task: asyncio.Task[Any]) -> tuple[Outcome, str]:
         if task.cancelled():
