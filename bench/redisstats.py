@@ -100,6 +100,7 @@ async def prepopulate(
                     request_id,  # stands for the request's digest: one request per id here
                     1,
                     "",
+                    file.terminal_ttl,
                 )
             await pipe.execute()
     finally:

@@ -242,6 +242,7 @@ class Store:
         digest: str,
         bind_here: bool,
         session: str,
+        terminal_ttl: int,
     ) -> Decision[ManageFacts]:
         """manage.lua: one decision for one dedup scope."""
         d = await self.decide(
@@ -267,6 +268,7 @@ class Store:
                 digest,
                 int(bind_here),
                 session,
+                terminal_ttl,
             ],
         )
         return _typed(d, ManageFacts.decode(d.facts))
@@ -290,6 +292,7 @@ class Store:
         digest: str,
         bind_here: bool,
         session: str,
+        terminal_ttl: int,
     ) -> Decision[CancelFacts]:
         """cancel.lua: cancel one job by id."""
         d = await self.decide(
@@ -308,6 +311,7 @@ class Store:
                 digest,
                 int(bind_here),
                 session,
+                terminal_ttl,
             ],
         )
         return _typed(d, CancelFacts.decode(d.facts))
