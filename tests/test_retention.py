@@ -7,15 +7,21 @@ Jobs are made and moved by the daemon's own decisions (Lifecycle) and the worker
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 
+import orjson
 import pytest
-from tests.test_worker_scripts import Scripts, run_of
+from bench.redisstats import manage_call
+from tests.test_worker_scripts import Scripts, T, run_of
 
-from jlm.config import Settings
+from jlm.config import FileConfig, Settings
 from jlm.errors import NotFound
-from jlm.keys import Keys
+from jlm.keys import Keys, scope_tag
 from jlm.lifecycle import Context, Lifecycle
 from jlm.metrics import Metrics
 from jlm.protocol import StatusRequest
@@ -65,16 +71,19 @@ async def _ttls(s: Scripts, job: str) -> tuple[int, int]:
     return await s.redis.ttl(s.keys.job(job)), await s.redis.ttl(s.keys.history(job))
 
 
-async def assert_terminal(s: Scripts, job: str, state: str) -> None:
+async def kept_for(s: Scripts, job: str, state: str, low: int, high: int) -> None:
+    """The job is in `state`, and its hash and history expire in (low, high] seconds."""
     assert (await s.job(job))["state"] == state
     for ttl in await _ttls(s, job):
-        assert 0 < ttl <= TERMINAL_TTL, (state, ttl)
+        assert low < ttl <= high, (state, ttl)
+
+
+async def assert_terminal(s: Scripts, job: str, state: str) -> None:
+    await kept_for(s, job, state, 0, TERMINAL_TTL)
 
 
 async def assert_live(s: Scripts, job: str, state: str) -> None:
-    assert (await s.job(job))["state"] == state
-    for ttl in await _ttls(s, job):
-        assert JOB_TTL - 60 < ttl <= JOB_TTL, (state, ttl)
+    await kept_for(s, job, state, JOB_TTL - 60, JOB_TTL)
 
 
 async def test_a_superseded_pending_job_is_terminal_at_once(scripts: Scripts) -> None:
@@ -179,3 +188,32 @@ async def test_a_terminal_job_is_gone_after_terminal_ttl(
         # The scope's live job stays.
         assert (await s.job(new))["state"] == "pending"
         assert len(await s.history(new)) == 1
+
+
+async def test_a_worker_that_passes_no_terminal_ttl_still_works(scripts: Scripts) -> None:
+    """The ARGV of claim, finish and release before terminal_ttl: ended jobs keep job_ttl."""
+    job = await scripts.enqueue()
+    k = scripts.keys
+    job_keys = [k.job(job), k.history(job)]
+    claimed = orjson.loads(
+        await scripts.ws.store.run("claim", job_keys, ["old", now(), 60_000, 1, 50, JOB_TTL])
+    )
+    assert claimed["o"] == "claimed"
+    tag = scope_tag("p", T)
+    finished = await scripts.ws.store.run(
+        "finish",
+        [*job_keys, k.scope(tag, "p", T), k.result(tag, "p", T)],
+        ["failed", "old", claimed["claim"], now(), "boom", 600, 1, job, 50, JOB_TTL, "stopped"],
+    )
+    assert orjson.loads(finished)["o"] == "failed"
+    await kept_for(scripts, job, "failed", JOB_TTL - 60, JOB_TTL)
+
+
+def test_the_bench_passes_manage_lua_every_argv() -> None:
+    """bench.redisstats.manage_call mirrors Lifecycle.manage: an ARGV added to manage.lua must
+    reach it too, or the bench would measure a script called wrongly."""
+    text = resources.files("jlm").joinpath("lua", "manage.lua").read_text(encoding="utf-8")
+    header = "\n".join(itertools.takewhile(lambda line: line.startswith("--"), text.splitlines()))
+    documented = max(int(n) for n in re.findall(r"ARGV\[(\d+)\]", header))
+    keys, args = manage_call(Keys("x"), FileConfig(), 0, datetime.now(UTC))
+    assert (len(keys), len(args)) == (6, documented)

@@ -9,7 +9,8 @@
 -- ARGV[4]  max_attempts        of the job's type
 -- ARGV[5]  history bound       entries kept per job
 -- ARGV[6]  job TTL             seconds
--- ARGV[7]  terminal TTL        seconds a job that ends here (a lost run) is kept
+-- ARGV[7]  terminal TTL        seconds a job that ends here (a lost run) is kept; optional:
+--                              without it, job TTL (prelude.lua: ttl_of)
 --
 -- The decision reads only the job's record: nothing of the job message (a header such as
 -- x-jlm-gen can be forged by anyone who may publish to jlm.jobs) can make a job be skipped.

@@ -15,7 +15,8 @@
 -- ARGV[9]  history bound       entries kept per job
 -- ARGV[10] job TTL             seconds
 -- ARGV[11] stop note           history reason of a stopped run (e.g. `stopped by worker`)
--- ARGV[12] terminal TTL        seconds a job that ends here is kept (prelude.lua: ttl_of)
+-- ARGV[12] terminal TTL        seconds a job that ends here is kept; optional: without it,
+--                              job TTL (prelude.lua: ttl_of)
 --
 -- Returns a JSON object: o, state (after), attempt, gen, request_id, superseded_by,
 -- cancel_requested, and

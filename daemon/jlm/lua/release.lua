@@ -8,7 +8,8 @@
 -- ARGV[4]  reason              history note, e.g. `released: worker stopping`
 -- ARGV[5]  history bound       entries kept per job
 -- ARGV[6]  job TTL             seconds
--- ARGV[7]  terminal TTL        seconds a job that ends here is kept (prelude.lua: ttl_of)
+-- ARGV[7]  terminal TTL        seconds a job that ends here is kept; optional: without it,
+--                              job TTL (prelude.lua: ttl_of)
 --
 -- Returns a JSON object: o, state (after), request_id, cancel_requested, and
 --   o = released   running → pending, owner cleared, attempt given back (a release is not a
