@@ -17,7 +17,6 @@ local function note(history, state, at, reason, bound, ttl)
   redis.call('EXPIRE', history, ttl)
 end
 
-
 -- How long a job in `state` is kept, its hash and its history: a terminal job (succeeded, failed,
 -- cancelled) `terminal_ttl` seconds, any other `job_ttl` seconds, both from its last change.
 -- A worker written before terminal_ttl passes none: its ended jobs keep `job_ttl`.
