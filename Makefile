@@ -57,11 +57,16 @@ test-faults: install services
 test-fast: install services
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Optional parts: BENCH_EXTRAS="celery retention". celery: Celery's confirmed apply_async in the
+# same run (needs the `[bench]` extra: pip install -e '.[bench]'); retention: Redis memory after
+# 1,000,000 superseding requests with terminal_ttl = 60 (python -m bench.retention).
 bench: install services
-	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.run $(BENCH_ARGS) $(if $(filter celery,$(BENCH_EXTRAS)),--celery)
+	$(if $(filter retention,$(BENCH_EXTRAS)),$(BIN)/python -m bench.retention --append)
 
 bench-quick: install services
-	$(BIN)/python -m bench.run --quick --no-append
+	$(BIN)/python -m bench.run --quick --no-append $(if $(filter celery,$(BENCH_EXTRAS)),--celery)
+	$(if $(filter retention,$(BENCH_EXTRAS)),$(BIN)/python -m bench.retention --quick)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info daemon/*.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -50,12 +51,65 @@ async def sample_ttls(client: aioredis.Redis, n: int) -> tuple[int, int]:
     return n, without
 
 
+def manage_call(
+    keys: Keys,
+    file: FileConfig,
+    scope: int,
+    now: datetime,
+    *,
+    message_id: str | None = None,
+    requested_at: datetime | None = None,
+) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV of manage.lua for one `replace` request on bench scope `scope`, as
+    `Lifecycle.manage` passes them on one Redis (with a message_id: recorded, bound here;
+    without requested_at: stamped by the script)."""
+    prefix = scope_name(scope)
+    tag = scope_tag(prefix, JOB_TYPE)
+    job_id = new_job_id(tag)
+    request_id = message_id or uuid.uuid4().hex
+    if message_id is None:
+        record = binding = keys.no_request(tag)
+    else:
+        record, binding = keys.request(tag, None, message_id), keys.binding(None, message_id)
+    call_keys = [
+        keys.scope(tag, prefix, JOB_TYPE),
+        keys.result(tag, prefix, JOB_TYPE),
+        record,
+        keys.job(job_id),
+        keys.history(job_id),
+        binding,
+    ]
+    args: list[Any] = [
+        "replace",
+        job_id,
+        iso(now),
+        "" if requested_at is None else micros(requested_at),
+        0,
+        int(message_id is not None),
+        file.idempotency_ttl,
+        file.job_ttl,
+        keys.job_prefix(tag),
+        JOB_TYPE,
+        prefix,
+        5,
+        request_id,
+        new_id(),
+        keys.cancel_channel,
+        HISTORY_BOUND,
+        request_id,  # stands for the request's digest: one request per id here
+        1,
+        "",
+        file.terminal_ttl,
+    ]
+    return call_keys, args
+
+
 async def prepopulate(
     url: str, namespace: str, scopes: int, *, start_at: int = 0, batch: int = 2000
 ) -> None:
     """One `manage` decision per scope, through the daemon's own script and key layout.
 
-    Mirrors `Lifecycle.manage` (keys, ARGV) for a request with a message_id, so every scope ends
+    Mirrors `Lifecycle.manage` (manage_call) for a request with a message_id, so every scope ends
     holding what a live scope holds: its scope hash, a pending job, the job's history, the
     request's idempotency record and its key's binding.
     """
@@ -68,39 +122,11 @@ async def prepopulate(
             pipe = client.pipeline(transaction=False)
             now = datetime.now(UTC)
             for scope in range(start, min(start + batch, start_at + scopes)):
-                prefix = scope_name(scope)
-                tag = scope_tag(prefix, JOB_TYPE)
-                job_id = new_job_id(tag)
-                request_id = uuid.uuid4().hex
-                pipe.evalsha(
-                    sha,
-                    6,
-                    keys.scope(tag, prefix, JOB_TYPE),
-                    keys.result(tag, prefix, JOB_TYPE),
-                    keys.request(tag, None, request_id),
-                    keys.job(job_id),
-                    keys.history(job_id),
-                    keys.binding(None, request_id),
-                    "replace",
-                    job_id,
-                    iso(now),
-                    micros(now),
-                    0,
-                    1,
-                    file.idempotency_ttl,
-                    file.job_ttl,
-                    keys.job_prefix(tag),
-                    JOB_TYPE,
-                    prefix,
-                    5,
-                    request_id,
-                    new_id(),
-                    keys.cancel_channel,
-                    HISTORY_BOUND,
-                    request_id,  # stands for the request's digest: one request per id here
-                    1,
-                    "",
+                mid = uuid.uuid4().hex
+                call_keys, args = manage_call(
+                    keys, file, scope, now, message_id=mid, requested_at=now
                 )
+                pipe.evalsha(sha, len(call_keys), *call_keys, *args)
             await pipe.execute()
     finally:
         await client.aclose()

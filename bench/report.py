@@ -84,6 +84,18 @@ def render(results: dict[str, Any], info: dict[str, Any]) -> str:  # noqa: C901 
                 f"**{daemon_rate / c_rate:.2f}**; this / relay: {c_rate / relay_rate:.2f}",
             )
         )
+    celery = results.get("celery", [])
+    if celery:
+        c_rate = _med([r.rate for r in celery])
+        ratio = daemon_rate / c_rate
+        rows.append(
+            (
+                "(a3) Celery `apply_async`, publisher confirms, one thread, same broker, no dedup",
+                f"{c_rate:,.0f}",
+                f"runs {_runs(celery)}; cpu {_cpu(celery)}; daemon / Celery: **{ratio:.2f}**; "
+                f"target ≥ 1.5: {_verdict(ratio >= 1.5)}",
+            )
+        )
     if "latency" in results:
         rate = results["latency_rate"]
         d = results["latency"]["daemon"]

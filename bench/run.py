@@ -30,8 +30,8 @@ import uvloop
 from pamqp.commands import Basic
 from tests.support.ports import free_port
 
+from bench import celery_peer, report
 from bench import latency as lat
-from bench import report
 from bench.amqp import (
     JOB_QUEUE,
     RELAY_OUT,
@@ -205,6 +205,7 @@ class Bench:
         relay: list[Run] = []
         contract: list[Run] = []
         daemon: list[Run] = []
+        celery: list[Run] = []
         # Interleaved, so that a change of background load hits both sides alike.
         for k in range(1, reps + 1):
             if "relay" in self.args.phases:
@@ -216,12 +217,22 @@ class Bench:
                     base = await self.daemon_pass(n, cycle(self.args.scopes), f"baseline-{k}")
                     self.results.setdefault("baseline", []).append(base)
                 daemon.append(await self.daemon_pass(n, cycle(self.args.scopes), f"scopes1k-{k}"))
+            if "celery" in self.args.phases:
+                celery.append(await self.celery_pass(n, k))
         if relay:
             self.results["relay"] = relay
         if contract:
             self.results["contract"] = contract
         if daemon:
             self.results["daemon"] = daemon
+        if celery:
+            self.results["celery"] = celery
+
+    async def celery_pass(self, n: int, k: int) -> Run:
+        rate, cpu = await celery_peer.run_pass(self.env.amqp_url, n, self.servers)
+        await self.amqp.purge(celery_peer.QUEUE)
+        self.log(f"celery apply_async #{k}: {rate:,.0f}/s  cpu {fmt_cpu(cpu, rate)}")
+        return Run(rate, cpu)
 
     async def latency(self) -> None:
         daemon_max = statistics.median(r.rate for r in self.results["daemon"])
@@ -354,6 +365,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="5,000 requests, 1 pass, 100k scopes")
     p.add_argument("--soak", action="store_true", help="RSS up to 1,000,000 requests")
     p.add_argument(
+        "--celery", action="store_true", help="also Celery's apply_async ([bench] extra)"
+    )
+    p.add_argument(
         "--only",
         default="relay,contract,daemon,latency,scopes,rss",
         help="phases to run, comma-separated (latency needs daemon)",
@@ -383,7 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    phases = args.phases = set(args.only.split(","))
+    phases = args.phases = set(args.only.split(",")) | ({"celery"} if args.celery else set())
     env = BenchEnv()
     await env.open(args.redis_db)
     started = datetime.now(UTC)

@@ -78,6 +78,7 @@ FILE_KEYS = [
     Row("idempotency_ttl", "60", 60, "0"),
     Row("allow_any_job_type", "false", False, '"maybe"'),
     Row("job_ttl", "60", 60, "0"),
+    Row("terminal_ttl", "60", 60, "-5"),
     Row("default_result_ttl", "60", 60, "1.5"),
     Row("max_job_types", "5", 5, "0"),
     Row("max_clock_skew", "60", 60.0, "-1"),

@@ -795,7 +795,7 @@ async def test_redis_roles_daemon_and_worker(acl_redis: Path, settings: Settings
     worker = Store(connect(url("jlm-worker", redis_password("worker"))), keys, Metrics())
     try:
         lifecycle = Lifecycle(daemon, settings, Metrics())
-        ws = WorkerStore(worker, 600)
+        ws = WorkerStore(worker, 600, 60)
         await daemon.ping_script()
         await worker.ping_script()  # readiness: result.lua, and every script loaded
         req = ManageRequest(job_type="t", payload={}, cache_prefix="p")

@@ -95,7 +95,7 @@ async def scripts(
     keys = Keys(namespace)
     store = Store(_connect(settings), keys, metrics)
     yield Scripts(
-        WorkerStore(store, settings.file.job_ttl),
+        WorkerStore(store, settings.file.job_ttl, settings.file.terminal_ttl),
         Lifecycle(store, settings, metrics),
         redis_client,
         keys,
@@ -324,7 +324,10 @@ async def _interleave(settings: Settings, ops: list[tuple]) -> None:  # noqa: C9
     store = Store(_connect(settings), keys, metrics)
     redis = _connect(settings)
     s = Scripts(
-        WorkerStore(store, settings.file.job_ttl), Lifecycle(store, settings, metrics), redis, keys
+        WorkerStore(store, settings.file.job_ttl, settings.file.terminal_ttl),
+        Lifecycle(store, settings, metrics),
+        redis,
+        keys,
     )
     jobs: list[str] = []
     runs: dict[str, Run] = {}  # the last run claimed per job
@@ -371,6 +374,11 @@ async def _interleave(settings: Settings, ops: list[tuple]) -> None:  # noqa: C9
                 elif state in FINAL:
                     finals[j] = state
                 assert claims.get(j, 0) <= 2, "no more runs than max_attempts"
+                ttl = await s.redis.ttl(keys.job(j))
+                if state in FINAL:
+                    assert 0 < ttl <= settings.file.terminal_ttl, "a final job is kept terminal_ttl"
+                else:
+                    assert ttl > settings.file.terminal_ttl, "a live job is kept job_ttl"
                 if j != jobs[-1]:
                     assert state != "pending", "a superseded job never waits to run"
     finally:

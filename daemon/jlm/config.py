@@ -95,6 +95,8 @@ class FileConfig(BaseModel):
     idempotency_ttl: Annotated[int, Field(gt=0)] = 86400
     allow_any_job_type: bool = True
     job_ttl: Annotated[int, Field(gt=0)] = 7 * 86400
+    # A job that reached succeeded, failed or cancelled is kept this long, its history with it.
+    terminal_ttl: Annotated[int, Field(gt=0)] = 86400
     default_result_ttl: Annotated[int, Field(gt=0)] = 3600
     # Unconfigured job types that get a queue, per Redis namespace; more are unknown_job_type.
     max_job_types: Annotated[int, Field(gt=0)] = 1000

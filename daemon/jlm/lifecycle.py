@@ -224,6 +224,7 @@ class Lifecycle:
             digest=ctx.digest,
             bind_here=bind_here,
             session=ctx.redelivered_in,
+            terminal_ttl=self._file.terminal_ttl,
         )
 
     def _count_manage(self, req: ManageRequest, policy: str, f: ManageFacts) -> None:
@@ -327,6 +328,7 @@ class Lifecycle:
             digest=ctx.digest,
             bind_here=bind_here,
             session=ctx.redelivered_in,
+            terminal_ttl=self._file.terminal_ttl,
         )
         f = decision.facts
         if f.not_found:

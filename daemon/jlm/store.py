@@ -247,6 +247,7 @@ class Store:
         digest: str,
         bind_here: bool,
         session: str,
+        terminal_ttl: int,
     ) -> Decision[ManageFacts]:
         """manage.lua: one decision for one dedup scope."""
         d = await self.decide(
@@ -272,6 +273,7 @@ class Store:
                 digest,
                 int(bind_here),
                 session,
+                terminal_ttl,
             ],
         )
         return _typed(d, ManageFacts.decode(d.facts))
@@ -295,6 +297,7 @@ class Store:
         digest: str,
         bind_here: bool,
         session: str,
+        terminal_ttl: int,
     ) -> Decision[CancelFacts]:
         """cancel.lua: cancel one job by id."""
         d = await self.decide(
@@ -313,6 +316,7 @@ class Store:
                 digest,
                 int(bind_here),
                 session,
+                terminal_ttl,
             ],
         )
         return _typed(d, CancelFacts.decode(d.facts))

@@ -16,6 +16,7 @@
 -- ARGV[10] request digest      what the idempotency key is bound to
 -- ARGV[11] bind here           1 on one Redis; 0 when bind.lua has bound the key already
 -- ARGV[12] session             broker session of a redelivered message, '' for a first delivery
+-- ARGV[13] terminal TTL        seconds the cancelled job is kept (prelude.lua: ttl_of)
 --
 -- Returns {status, facts, false, false, republish}: status 0 decided now, 1 a replay of the
 -- recorded facts (nothing changed; republish as in manage.lua), 2 the idempotency key is bound to
@@ -25,7 +26,7 @@
 
 local running, now, record_it, idem_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local pid, channel, job_id, bound, job_ttl = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
-local digest, bind, session = ARGV[10], ARGV[11], ARGV[12]
+local digest, bind, session, terminal_ttl = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 
 local replay = recorded(record_it, KEYS[4], KEYS[3], digest, bind, session)
 if replay then
@@ -45,8 +46,8 @@ if state == 'pending' or (state == 'running' and running == '1') then
     redis.call('HSET', KEYS[1], 'cancel_requested', now)
     redis.call('PUBLISH', channel, job_id)
   end
-  note(KEYS[2], 'cancelled', now, 'cancelled', bound, job_ttl)
-  redis.call('EXPIRE', KEYS[1], job_ttl)
+  note(KEYS[2], 'cancelled', now, 'cancelled', bound, terminal_ttl)
+  redis.call('EXPIRE', KEYS[1], terminal_ttl)
   f.cancelled, f.state = true, 'cancelled'
 else
   f.cancelled, f.state = false, state

@@ -9,6 +9,8 @@
 -- ARGV[4]  max_attempts        of the job's type
 -- ARGV[5]  history bound       entries kept per job
 -- ARGV[6]  job TTL             seconds
+-- ARGV[7]  terminal TTL        seconds a job that ends here (a lost run) is kept; optional:
+--                              without it, job TTL (prelude.lua: ttl_of)
 --
 -- The decision reads only the job's record: nothing of the job message (a header such as
 -- x-jlm-gen can be forged by anyone who may publish to jlm.jobs) can make a job be skipped.
@@ -23,12 +25,13 @@
 -- and job_type, cache_prefix, priority, request_id, attempt, superseded_by of the job when known.
 
 local owner, now, lease_ms, max_attempts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local bound, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local bound, ttl, terminal_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 
--- A history entry (prelude.lua), the job's TTL renewed with it.
+-- A history entry (prelude.lua), the job's TTL renewed with it: as long as state `st` keeps a job.
 local function job_note(st, reason)
-  note(KEYS[2], st, now, reason, bound, ttl)
-  redis.call('EXPIRE', KEYS[1], ttl)
+  local keep = ttl_of(st, ttl, terminal_ttl)
+  note(KEYS[2], st, now, reason, bound, keep)
+  redis.call('EXPIRE', KEYS[1], keep)
 end
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'job_type', 'cache_prefix', 'priority',

@@ -15,6 +15,8 @@
 -- ARGV[9]  history bound       entries kept per job
 -- ARGV[10] job TTL             seconds
 -- ARGV[11] stop note           history reason of a stopped run (e.g. `stopped by worker`)
+-- ARGV[12] terminal TTL        seconds a job that ends here is kept; optional: without it,
+--                              job TTL (prelude.lua: ttl_of)
 --
 -- Returns a JSON object: o, state (after), attempt, gen, request_id, superseded_by,
 -- cancel_requested, and
@@ -31,11 +33,13 @@
 local outcome, owner, claim, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local value, result_ttl, max_attempts, job_id = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local bound, ttl, stop_note = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
+local terminal_ttl = ARGV[12]
 
--- A history entry (prelude.lua), the job's TTL renewed with it.
+-- A history entry (prelude.lua), the job's TTL renewed with it: as long as state `st` keeps a job.
 local function job_note(st, reason)
-  note(KEYS[2], st, now, reason, bound, ttl)
-  redis.call('EXPIRE', KEYS[1], ttl)
+  local keep = ttl_of(st, ttl, terminal_ttl)
+  note(KEYS[2], st, now, reason, bound, keep)
+  redis.call('EXPIRE', KEYS[1], keep)
 end
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',

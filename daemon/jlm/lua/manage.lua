@@ -24,6 +24,7 @@
 -- ARGV[17] request digest      what the idempotency key is bound to
 -- ARGV[18] bind here           1 on one Redis; 0 when bind.lua has bound the key already
 -- ARGV[19] session             broker session of a redelivered message, '' for a first delivery
+-- ARGV[20] terminal TTL        seconds a job made terminal here is kept (prelude.lua: ttl_of)
 --
 -- Returns {status, facts, result, job state, republish}:
 --   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated), job, state, prev,
@@ -42,6 +43,7 @@ local idem_ttl, job_ttl, prefix = ARGV[7], tonumber(ARGV[8]), ARGV[9]
 local job_type, cache_prefix, priority, request_id = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 local pid, channel, bound = ARGV[14], ARGV[15], tonumber(ARGV[16])
 local digest, bind, session = ARGV[17], ARGV[18], ARGV[19]
+local terminal_ttl = ARGV[20]
 
 local replay = recorded(record_it, KEYS[6], KEYS[3], digest, bind, session, function(facts)
   local f = cjson.decode(facts)
@@ -118,7 +120,7 @@ if cur_id then
   if cur_state == 'pending' then
     redis.call('HSET', old, 'state', 'cancelled', 'superseded_by', new_id, 'updated_at', now,
       'cancel_reason', 'superseded')
-    note(old .. ':h', 'cancelled', now, 'superseded by ' .. new_id, bound, job_ttl)
+    note(old .. ':h', 'cancelled', now, 'superseded by ' .. new_id, bound, terminal_ttl)
     f.stale, f.sup = true, true
   elseif cur_state == 'running' then
     redis.call('HSET', old, 'superseded_by', new_id, 'updated_at', now)
@@ -127,14 +129,14 @@ if cur_id then
       redis.call('HSET', old, 'state', 'cancelled', 'cancel_requested', now,
         'cancel_reason', 'superseded')
       note(old .. ':h', 'cancelled', now, 'superseded by ' .. new_id .. ' (cancel_running)',
-        bound, job_ttl)
+        bound, terminal_ttl)
       redis.call('PUBLISH', channel, cur_id)
       f.rc = true
     else
       note(old .. ':h', 'running', now, 'superseded by ' .. new_id, bound, job_ttl)
     end
   end
-  redis.call('EXPIRE', old, job_ttl)
+  redis.call('EXPIRE', old, ttl_of(redis.call('HGET', old, 'state'), job_ttl, terminal_ttl))
   if policy == 'replace' then
     inv = true
   end

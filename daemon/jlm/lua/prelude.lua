@@ -17,3 +17,12 @@ local function note(history, state, at, reason, bound, ttl)
   redis.call('EXPIRE', history, ttl)
 end
 
+-- How long a job in `state` is kept, its hash and its history: a terminal job (succeeded, failed,
+-- cancelled) `terminal_ttl` seconds, any other `job_ttl` seconds, both from its last change.
+-- A worker written before terminal_ttl passes none: its ended jobs keep `job_ttl`.
+local function ttl_of(state, job_ttl, terminal_ttl)
+  if terminal_ttl and (state == 'succeeded' or state == 'failed' or state == 'cancelled') then
+    return tonumber(terminal_ttl)
+  end
+  return tonumber(job_ttl)
+end

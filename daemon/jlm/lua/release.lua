@@ -8,6 +8,8 @@
 -- ARGV[4]  reason              history note, e.g. `released: worker stopping`
 -- ARGV[5]  history bound       entries kept per job
 -- ARGV[6]  job TTL             seconds
+-- ARGV[7]  terminal TTL        seconds a job that ends here is kept; optional: without it,
+--                              job TTL (prelude.lua: ttl_of)
 --
 -- Returns a JSON object: o, state (after), request_id, cancel_requested, and
 --   o = released   running → pending, owner cleared, attempt given back (a release is not a
@@ -17,12 +19,13 @@
 --   o = refused    this run no longer holds the job: nothing is written
 
 local owner, claim, now, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local bound, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local bound, ttl, terminal_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 
--- A history entry (prelude.lua), the job's TTL renewed with it.
+-- A history entry (prelude.lua), the job's TTL renewed with it: as long as state `st` keeps a job.
 local function job_note(st, reason)
-  note(KEYS[2], st, now, reason, bound, ttl)
-  redis.call('EXPIRE', KEYS[1], ttl)
+  local keep = ttl_of(st, ttl, terminal_ttl)
+  note(KEYS[2], st, now, reason, bound, keep)
+  redis.call('EXPIRE', KEYS[1], keep)
 end
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',

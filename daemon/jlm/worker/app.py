@@ -88,6 +88,7 @@ class Worker:
         self._store = WorkerStore(
             Store(redis_client(settings, settings.redis_cluster), self._keys, self.metrics),
             settings.file.job_ttl,
+            settings.file.terminal_ttl,
         )
         self._http: HttpServer | None = None
         if settings.worker_metrics_addr:

@@ -45,10 +45,11 @@ class Run:
 class WorkerStore:
     """One call per worker script; each is one round trip and one atomic step."""
 
-    def __init__(self, store: Store, job_ttl: int) -> None:
+    def __init__(self, store: Store, job_ttl: int, terminal_ttl: int) -> None:
         self.store = store
         self.keys: Keys = store.keys
-        self._job_ttl = job_ttl
+        # Every script that can end a job gets both: a job's state after the call picks its TTL.
+        self._ttls = (job_ttl, terminal_ttl)
         for name in SCRIPTS:
             store.register(name)
 
@@ -70,7 +71,7 @@ class WorkerStore:
         return await self._facts(
             "claim",
             [k.job(job_id), k.history(job_id)],
-            [owner, now, lease_ms, max_attempts, HISTORY_BOUND, self._job_ttl],
+            [owner, now, lease_ms, max_attempts, HISTORY_BOUND, *self._ttls],
         )
 
     async def heartbeat(self, run: Run, lease_ms: int) -> str:
@@ -115,8 +116,9 @@ class WorkerStore:
                 max_attempts,
                 run.job_id,
                 HISTORY_BOUND,
-                self._job_ttl,
+                self._ttls[0],
                 stop_note,
+                self._ttls[1],
             ],
         )
 
@@ -125,7 +127,7 @@ class WorkerStore:
         return await self._facts(
             "release",
             [k.job(run.job_id), k.history(run.job_id)],
-            [run.owner, run.claim, now, reason, HISTORY_BOUND, self._job_ttl],
+            [run.owner, run.claim, now, reason, HISTORY_BOUND, *self._ttls],
         )
 
 
