@@ -10,30 +10,35 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal
 
 import orjson
+from typing_extensions import TypeVar
 
 from jlm.keys import tag_of_job
 from jlm.protocol import JobMessage, iso
 from jlm.provenance import Event, new_id, scope_of
 from jlm.worker.store import Run
 
+# A handler's payload type: the plain JSON object unless its job type names a pydantic model.
+P = TypeVar("P", default=dict[str, Any])
+
 
 @dataclass(frozen=True, slots=True)
-class Job:
-    """The job a handler runs. `attempt` counts from 1."""
+class Job(Generic[P]):
+    """The job a handler runs. `attempt` counts from 1; `payload` is the JSON object, or an
+    instance of the job type's pydantic model (`App.job(..., payload=Model)`)."""
 
     id: str
     job_type: str
     cache_prefix: str
-    payload: dict[str, Any]
+    payload: P
     priority: int
     attempt: int
     enqueued_at: str | None = None
 
 
-Handler = Callable[[Job], Awaitable[Any]]
+Handler = Callable[[Job[Any]], Awaitable[Any]]
 Interruption = Literal["cancelled", "lost", "stopping"]
 
 
@@ -71,7 +76,7 @@ def parse_job_message(body: bytes) -> ReceivedJob | None:
 class Active:
     """One claimed run in this worker: its handler task and why it must stop, if it must."""
 
-    job: Job
+    job: Job[Any]
     run: Run
     reason: Interruption | None = None
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -116,11 +121,13 @@ class HandlerImportError(Exception):
     """MODULE:FUNCTION does not name an async function."""
 
 
-def load_handler(target: str) -> Handler:
-    """Import `module:function`; the working directory is importable, as `python -m` would do."""
+def load_target(target: str) -> Any:
+    """Import `module:attribute`; the working directory is importable, as `python -m` would do."""
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
-        raise HandlerImportError(f"{target!r}: expected MODULE:FUNCTION, e.g. examples.echo:handle")
+        raise HandlerImportError(
+            f"{target!r}: expected MODULE:APP or MODULE:FUNCTION, e.g. examples.app:app"
+        )
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -136,8 +143,20 @@ def load_handler(target: str) -> Handler:
             obj = getattr(obj, part)
         except AttributeError as exc:
             raise HandlerImportError(f"{module_name!r} has no attribute {attr!r}") from exc
+    return obj
+
+
+def as_handler(obj: Any, target: str) -> Handler:
+    """`obj` as a handler: an async function (or an object with an async `__call__`)."""
     call = getattr(obj, "__call__", None)  # noqa: B004 - an async __call__ counts too
     if not (inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(call)):
-        raise HandlerImportError(f"{target!r} is not an async function (async def handle(job))")
+        raise HandlerImportError(
+            f"{target!r} is neither an App nor an async function (async def handle(job))"
+        )
     handler: Handler = obj
     return handler
+
+
+def load_handler(target: str) -> Handler:
+    """Import `module:function`, an async function."""
+    return as_handler(load_target(target), target)

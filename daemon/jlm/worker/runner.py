@@ -4,6 +4,7 @@ result or release), or a message skipped, or a lost worker's job recorded."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -12,13 +13,15 @@ from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 import orjson
+from pydantic import ValidationError
 
 from jlm.config import Settings, redact_url
 from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.provenance import Event
 from jlm.retry import STEP_RETRY_START, Backoff
-from jlm.worker.job import Active, Handler, ReceivedJob, now, worker_event
+from jlm.worker.job import Active, ReceivedJob, now, worker_event
+from jlm.worker.registry import Route
 from jlm.worker.store import Facts, Outcome, WorkerStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,6 @@ class Deps:
     settings: Settings
     store: WorkerStore
     metrics: Metrics
-    handler: Handler
     emit: Callable[[Event], Awaitable[None]]
     republish: Callable[[ReceivedJob, int], Awaitable[bool]]
     abandon: Callable[[asyncio.Task[Any], str], None]
@@ -67,9 +69,12 @@ class JobRunner:
         msg: ReceivedJob,
         claimed: asyncio.Task[None],
         later: list[Awaitable[None]],
+        *,
+        route: Route,
     ) -> None:
         self._later = later  # the outcome's event: published once the message is settled
         self._d = deps
+        self._route = route
         self._active = active
         self._job = active.job
         self._msg = msg
@@ -94,6 +99,9 @@ class JobRunner:
             job.attempt,
             extra={"job_id": job.id},
         )
+        invalid = self._typed_payload()
+        if invalid is not None:  # it would fail every attempt: failed at once
+            return await self._finish("failed", invalid, final=True)
         task = asyncio.create_task(self._call(), name=f"jlm job {job.id}")
         heartbeat = asyncio.create_task(self._heartbeat())
         waiter = asyncio.ensure_future(self._active.interrupted.wait())
@@ -114,7 +122,22 @@ class JobRunner:
     # -- the handler -----------------------------------------------------------------------------
 
     async def _call(self) -> Any:
-        return await self._d.handler(self._job)
+        return await self._route.handler(self._job)
+
+    def _typed_payload(self) -> str | None:
+        """Make the job's payload an instance of its type's model; the error when it is not one."""
+        model = self._route.payload
+        if model is None:
+            return None
+        try:
+            payload = model.model_validate(self._job.payload)
+        except ValidationError as exc:
+            log.warning(
+                "job %s: invalid payload: %s", self._job.id, exc, extra={"job_id": self._job.id}
+            )
+            return f"invalid payload: {exc}"[:2000]
+        self._job = self._active.job = dataclasses.replace(self._job, payload=payload)
+        return None
 
     def _outcome(self, task: asyncio.Task[Any]) -> tuple[Outcome, str]:
         if task.cancelled():
@@ -162,8 +185,10 @@ class JobRunner:
 
     # -- the end of a run ------------------------------------------------------------------------
 
-    async def _finish(self, outcome: Outcome, value: str) -> Settle:
+    async def _finish(self, outcome: Outcome, value: str, *, final: bool = False) -> Settle:
+        """Record the run's end; `final`: a failure not retried, whatever attempts are left."""
         job, d = self._job, self._d
+        max_attempts = job.attempt if final else self._max_attempts
         facts = await self._redis(
             lambda: d.store.finish(
                 self._active.run,
@@ -172,7 +197,7 @@ class JobRunner:
                 now(),
                 value,
                 result_ttl=self._result_ttl,
-                max_attempts=self._max_attempts,
+                max_attempts=max_attempts,
             )
         )
         if facts is None:

@@ -1,0 +1,165 @@
+"""`jlm worker MODULE:APP`: one process serving an app's job types, each with its concurrency;
+typed payloads. Real `jlm worker` processes, the daemon, Redis and RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.test_worker import WorkerProcess, until
+
+from jlm.client import Client
+from jlm.config import Settings
+from jlm.keys import Keys
+from jlm.store import RedisClient
+from jlm.worker import App, Job
+from jlm.worker.registry import routes_of
+
+# The job types of examples/app.py and their concurrency.
+LIMITS = {"report.render": 2, "thumb.make": 4, "mail.send": 8}
+
+
+def payload_of(job_type: str, i: int) -> dict[str, Any]:
+    if job_type == "thumb.make":
+        return {"image": f"img-{i}.png", "width": 64 + i % 100}
+    if job_type == "mail.send":
+        return {"to": f"user{i}@example.org"}
+    return {"pages": 2, "page_seconds": 0.002}
+
+
+async def submit(client: Client, job_type: str, prefix: str, payload: dict[str, Any]) -> str:
+    body = {"job_type": job_type, "cache_prefix": prefix, "payload": payload}
+    reply = await client.call("manage", body)
+    assert reply["success"] is True, reply
+    return str(reply["new_job_id"])
+
+
+async def job_records(redis: RedisClient, namespace: str, ids: list[str]) -> list[dict[str, str]]:
+    pipe = redis.pipeline(transaction=False)
+    keys = Keys(namespace)
+    for job_id in ids:
+        pipe.hgetall(keys.job(job_id))
+    return [{k.decode(): v.decode() for k, v in raw.items()} for raw in await pipe.execute()]
+
+
+def max_overlap(intervals: list[tuple[str, str]]) -> int:
+    """The largest number of [start, end] intervals open at once. A run ends before the next one
+    on its slot is claimed (its message is settled after the finish, and only then is another
+    delivered), so at equal times an end is counted before a start."""
+    points = sorted(
+        [(datetime.fromisoformat(a), 1) for a, _ in intervals]
+        + [(datetime.fromisoformat(b), -1) for _, b in intervals]
+    )
+    best = now = 0
+    for _, step in points:
+        now += step
+        best = max(best, now)
+    return best
+
+
+def start_app(
+    settings: Settings, tmp_path: Path, target: str = "examples.app:app"
+) -> WorkerProcess:
+    log = tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log"
+    return WorkerProcess(settings, target, log, job_type=None)
+
+
+@pytest.mark.timeout(240)
+async def test_one_app_process_runs_three_thousand_jobs_of_three_types_exactly_once(  # noqa: PLR0917
+    daemon: Any,
+    client: Client,
+    settings: Settings,
+    redis_client: RedisClient,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    n = 3000
+    types = list(LIMITS)
+    w = start_app(settings, tmp_path)
+    try:
+        await w.ready()
+        t0 = time.monotonic()
+        ids: dict[str, str] = {}  # job id -> job type
+        for chunk in range(0, n, 250):
+            batch = [(types[i % 3], i) for i in range(chunk, chunk + 250)]
+            got = await asyncio.gather(
+                *(submit(client, t, f"a{i}", payload_of(t, i)) for t, i in batch)
+            )
+            ids.update(zip(got, [t for t, _ in batch], strict=True))
+        assert len(ids) == n
+
+        async def all_finished() -> bool:
+            done = sum(
+                w.metric("jlm_jobs_finished_total", job_type=t, state="succeeded") for t in types
+            )
+            return done >= n
+
+        await until(all_finished, 180, f"{n} jobs to succeed")
+        elapsed = time.monotonic() - t0
+        records = await job_records(redis_client, namespace, list(ids))
+        assert {r["state"] for r in records} == {"succeeded"}
+        assert {r["attempt"] for r in records} == {"1"}, "a job ran more than once"
+        for t in types:
+            assert w.metric("jlm_jobs_claimed_total", job_type=t) == n // 3
+        overlaps = {}
+        for t, limit in LIMITS.items():
+            runs = [
+                (r["started_at"], r["finished_at"])
+                for job_id, r in zip(ids, records, strict=True)
+                if ids[job_id] == t
+            ]
+            overlaps[t] = max_overlap(runs)
+            assert 1 <= overlaps[t] <= limit, (t, overlaps[t], limit)
+        print(f"\n{n} jobs over {types}: all succeeded once in {elapsed:.1f}s; ", end="")
+        print(f"max concurrent runs per type {overlaps} (limits {LIMITS})")
+    finally:
+        w.close()
+
+
+async def test_a_payload_failing_its_model_fails_at_once_with_the_validation_message(
+    daemon: Any, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    w = start_app(settings, tmp_path)
+    try:
+        await w.ready()
+        job = await submit(client, "thumb.make", "bad", {"image": "cat.png", "width": -1})
+        status = await until(
+            lambda: _state_in(client, job, "failed"), 15, "the job with a bad payload to fail"
+        )
+        assert status["attempt"] == 1
+        assert "invalid payload" in status["error"]
+        assert "width" in status["error"]
+        assert "greater than 0" in status["error"]
+        assert w.metric("jlm_jobs_finished_total", job_type="thumb.make", state="failed") == 1
+    finally:
+        w.close()
+
+
+async def _state_in(client: Client, job_id: str, *states: str) -> dict[str, Any] | None:
+    status = await client.call("status", {"job_id": job_id})
+    return status if status["state"] in states else None
+
+
+def test_an_app_registers_each_job_type_once_with_its_settings(settings: Settings) -> None:
+    app = App()
+
+    @app.job("a.b", concurrency=3)
+    async def ab(job: Job) -> None: ...
+
+    with pytest.raises(ValueError, match="registered twice"):
+        app.job("a.b")(ab)
+    with pytest.raises(ValueError, match="must match"):
+        app.job("no spaces")
+    with pytest.raises(ValueError, match="at least 1"):
+        app.job("c", concurrency=0)
+    routes = routes_of(settings, app, None, 1)
+    assert list(routes) == ["a.b"]
+    assert routes["a.b"].concurrency == 3
+    assert routes["a.b"].queue == "jlm.jobs.a.b"
+    with pytest.raises(ValueError, match="no handler"):
+        routes_of(settings, app, "other", 1)
