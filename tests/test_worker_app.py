@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.amqp_helpers import read_stream
+from tests.support.services import start_daemon
 from tests.test_worker import WorkerProcess, until
 
 from jlm.client import Client
 from jlm.config import Settings
-from jlm.keys import Keys
+from jlm.keys import Keys, scope_tag
 from jlm.store import RedisClient
 from jlm.worker import App, Job
 from jlm.worker.registry import routes_of
@@ -163,3 +165,43 @@ def test_an_app_registers_each_job_type_once_with_its_settings(settings: Setting
     assert routes["a.b"].queue == "jlm.jobs.a.b"
     with pytest.raises(ValueError, match="no handler"):
         routes_of(settings, app, "other", 1)
+
+
+async def test_a_worker_without_config_runs_a_job_type_with_the_daemons_settings(
+    make_settings: Any, redis_client: RedisClient, namespace: str, tmp_path: Path
+) -> None:
+    """max_attempts, result_ttl, retry_backoff and queue are configured for the daemon only; the
+    worker (no JLM_CONFIG) reads them from the job's record."""
+    config = tmp_path / "daemon.toml"
+    config.write_text(
+        '[job_types."cfgd"]\nmax_attempts = 3\nresult_ttl = 60\nretry_backoff = 0.05\n'
+    )
+    settings = make_settings(JLM_CONFIG=str(config))
+    daemon = await start_daemon(settings)
+    log = tmp_path / "worker.log"
+    w = WorkerProcess(settings, "tests.worker_handlers:flaky", log, job_type="cfgd")
+    try:
+        async with Client(settings) as client:
+            await w.ready()
+            assert "JLM_CONFIG" not in w.proc.args  # and not in its environment (jlm_env)
+            job = await submit(client, "cfgd", "c1", {"succeed_on": 3})
+            status = await until(lambda: _state_in(client, job, "succeeded"), 20, "the job")
+            assert status["attempt"] == 3
+            retries = [h for h in status["history"] if "retrying" in (h["reason"] or "")]
+            assert len(retries) == 2
+            record = (await job_records(redis_client, namespace, [job]))[0]
+            assert (record["max_attempts"], record["result_ttl"]) == ("3", "60")
+            assert (record["retry_backoff"], record["queue"]) == ("0.05", "jlm.jobs.cfgd")
+            result = await client.call("result", {"job_type": "cfgd", "cache_prefix": "c1"})
+            assert result["result"] == {"attempt": 3}
+            ttl = await redis_client.ttl(
+                Keys(namespace).result(scope_tag("c1", "cfgd"), "c1", "cfgd")
+            )
+            assert 55 <= ttl <= 60, ttl
+            failed = [e for e in await read_stream(settings) if e["type"] == "job.failed"]
+            assert [e["metadata"]["output"]["retry_in_s"] for e in failed] == [0.05, 0.1]
+            assert {e["metadata"]["output"]["max_attempts"] for e in failed} == {3}
+            print(f"\nno worker config: 3 attempts, result TTL read {ttl}s (daemon: result_ttl 60)")
+    finally:
+        w.close()
+        await daemon.stop()

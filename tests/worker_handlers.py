@@ -87,3 +87,11 @@ async def failing(job: Job) -> None:
     """Always fail, counting each attempt."""
     await _redis().hincrby(key("runs"), job.id, 1)
     raise RuntimeError(f"boom on attempt {job.attempt}")
+
+
+async def flaky(job: Job) -> dict[str, Any]:
+    """Fail until attempt `succeed_on` (payload), counting each attempt; then succeed."""
+    await _redis().hincrby(key("runs"), job.id, 1)
+    if job.attempt < int(job.payload["succeed_on"]):
+        raise RuntimeError(f"boom on attempt {job.attempt}")
+    return {"attempt": job.attempt}

@@ -224,6 +224,7 @@ class Lifecycle:
             digest=ctx.digest,
             bind_here=bind_here,
             session=ctx.redelivered_in,
+            type_settings=self._file.recorded_settings(req.job_type),
         )
 
     def _count_manage(self, req: ManageRequest, policy: str, f: ManageFacts) -> None:

@@ -242,8 +242,9 @@ class Store:
         digest: str,
         bind_here: bool,
         session: str,
+        type_settings: tuple[int, int, float, str],
     ) -> Decision[ManageFacts]:
-        """manage.lua: one decision for one dedup scope."""
+        """manage.lua: one decision for one dedup scope (with the job type's settings)."""
         d = await self.decide(
             "manage",
             [scope, result, record, job, history, binding],
@@ -267,6 +268,7 @@ class Store:
                 digest,
                 int(bind_here),
                 session,
+                *type_settings,
             ],
         )
         return _typed(d, ManageFacts.decode(d.facts))

@@ -24,6 +24,9 @@
 -- ARGV[17] request digest      what the idempotency key is bound to
 -- ARGV[18] bind here           1 on one Redis; 0 when bind.lua has bound the key already
 -- ARGV[19] session             broker session of a redelivered message, '' for a first delivery
+-- ARGV[20] max_attempts   ARGV[21] result_ttl (s)   ARGV[22] retry_backoff (s)   ARGV[23] queue
+--                              the job type's settings, recorded on the new job so that workers
+--                              and their scripts read them there (docs/worker-protocol.md)
 --
 -- Returns {status, facts, result, job state, republish}:
 --   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated), job, state, prev,
@@ -147,6 +150,8 @@ f.inv = inv
 redis.call('HSET', KEYS[4], 'state', 'pending', 'job_type', job_type, 'cache_prefix', cache_prefix,
   'priority', priority, 'created_at', now, 'updated_at', now, 'attempt', 0,
   'request_id', request_id, 'requested_at', at)
+redis.call('HSET', KEYS[4], 'max_attempts', ARGV[20], 'result_ttl', ARGV[21],
+  'retry_backoff', ARGV[22], 'queue', ARGV[23])
 redis.call('EXPIRE', KEYS[4], job_ttl)
 note(KEYS[4] .. ':h', 'pending', now, 'enqueued', bound, job_ttl)
 redis.call('HSET', KEYS[1], 'job', new_id, 'at', at)

@@ -318,8 +318,9 @@ class Worker:
         claimed again until SETTLE_WAIT, then given back to the queue (requeued, not held), so
         the job is recovered by whichever worker gets it once the dead worker's lease lapses.
         """
-        jt = self.settings.file.job_type(msg.job_type)
-        max_attempts = jt.max_attempts if jt is not None else 1
+        # The worker's own setting when its configuration names the job type, else the job's.
+        jt = self.settings.file.job_types.get(msg.job_type)
+        max_attempts = jt.max_attempts if jt is not None else ""
         deadline = time.monotonic() + SETTLE_WAIT
         while not self._stopping.is_set() and not broker.closed.is_set():
             facts = await retry_redis(
@@ -379,7 +380,9 @@ class Worker:
         later.append(claimed)
         log.debug("claimed job %s (attempt %d)", job.id, job.attempt, extra={"job_id": job.id})
         try:
-            return await JobRunner(self._deps, active, msg, claimed, later, route=route).run()
+            return await JobRunner(
+                self._deps, active, msg, claimed, later, route=route, claimed_facts=facts
+            ).run()
         finally:
             self._active.pop(job.id, None)
 

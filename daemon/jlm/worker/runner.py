@@ -71,6 +71,7 @@ class JobRunner:
         later: list[Awaitable[None]],
         *,
         route: Route,
+        claimed_facts: Facts,
     ) -> None:
         self._later = later  # the outcome's event: published once the message is settled
         self._d = deps
@@ -80,12 +81,20 @@ class JobRunner:
         self._msg = msg
         self._claimed = claimed
         self._started = time.monotonic()
-        jt = deps.settings.file.job_type(self._job.job_type)
-        self._max_attempts = jt.max_attempts if jt is not None else 1
+        # The job type's settings: the worker's own when its configuration names the job type,
+        # else as the daemon recorded them on the job, else the defaults.
+        jt = deps.settings.file.job_types.get(self._job.job_type)
+        f = claimed_facts
+        self._max_attempts = int(f.get("max_attempts") or 1)
         self._result_ttl = (
-            jt.result_ttl if jt is not None else deps.settings.file.default_result_ttl
+            jt.result_ttl
+            if jt is not None
+            else int(f.get("result_ttl") or deps.settings.file.default_result_ttl)
         )
-        self._backoff = jt.retry_backoff if jt is not None else 1.0
+        recorded = f.get("retry_backoff")
+        self._backoff = (
+            jt.retry_backoff if jt is not None else float(1 if recorded is None else recorded)
+        )
         self._label = deps.metrics.job_type_label(self._job.job_type)
         self._scope = (self._job.cache_prefix, self._job.job_type)
 
@@ -101,7 +110,7 @@ class JobRunner:
         )
         invalid = self._typed_payload()
         if invalid is not None:  # it would fail every attempt: failed at once
-            return await self._finish("failed", invalid, final=True)
+            return await self._finish("rejected", invalid)
         task = asyncio.create_task(self._call(), name=f"jlm job {job.id}")
         heartbeat = asyncio.create_task(self._heartbeat())
         waiter = asyncio.ensure_future(self._active.interrupted.wait())
@@ -185,10 +194,8 @@ class JobRunner:
 
     # -- the end of a run ------------------------------------------------------------------------
 
-    async def _finish(self, outcome: Outcome, value: str, *, final: bool = False) -> Settle:
-        """Record the run's end; `final`: a failure not retried, whatever attempts are left."""
+    async def _finish(self, outcome: Outcome, value: str) -> Settle:
         job, d = self._job, self._d
-        max_attempts = job.attempt if final else self._max_attempts
         facts = await self._redis(
             lambda: d.store.finish(
                 self._active.run,
@@ -197,7 +204,7 @@ class JobRunner:
                 now(),
                 value,
                 result_ttl=self._result_ttl,
-                max_attempts=max_attempts,
+                max_attempts=self._max_attempts,
             )
         )
         if facts is None:

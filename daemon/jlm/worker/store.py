@@ -12,7 +12,7 @@ from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.store import HISTORY_BOUND, RedisClient, Store, connect
 
 SCRIPTS = ("claim", "heartbeat", "finish", "release")
-Outcome = Literal["succeeded", "failed", "stopped"]
+Outcome = Literal["succeeded", "failed", "stopped", "rejected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +63,10 @@ class WorkerStore:
         now: str,
         *,
         lease_ms: int,
-        max_attempts: int,
+        max_attempts: int | str,
     ) -> Facts:
-        """Decided from the job's record alone, never from the job message."""
+        """Decided from the job's record alone, never from the job message. `max_attempts`:
+        the worker's own setting, or '' for the one recorded on the job."""
         k = self.keys
         return await self._facts(
             "claim",
