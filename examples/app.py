@@ -41,8 +41,9 @@ async def stop(app: App) -> None:
 async def render(job: Job) -> dict[str, Any]:
     """Render a report page by page (`pages`, default 1; `page_seconds`, default 0)."""
     pages = int(job.payload.get("pages", 1))
-    for _ in range(pages):
+    for page in range(1, pages + 1):
         await asyncio.sleep(float(job.payload.get("page_seconds", 0)))
+        await job.progress(page / pages, f"page {page} of {pages}")  # `jlm status` shows it
     return {"report": job.cache_prefix, "pages": pages}
 
 

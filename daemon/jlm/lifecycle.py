@@ -378,6 +378,8 @@ class Lifecycle:
         }
         if job.get("error"):
             reply["error"] = job["error"]
+        if job.get("progress"):  # {fraction, message, at}: the latest a handler reported
+            reply["progress"] = orjson.loads(job["progress"])
         return Outcome(reply)
 
     # -- by scope --------------------------------------------------------------------------------

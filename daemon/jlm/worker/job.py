@@ -36,6 +36,21 @@ class Job(Generic[P]):
     priority: int
     attempt: int
     enqueued_at: str | None = None
+    # Set by the worker running the job: stores progress for `progress()`.
+    _report: Callable[[float, str], Awaitable[bool]] | None = field(
+        default=None, repr=False, compare=False
+    )
+
+    async def progress(self, fraction: float, message: str = "") -> bool:
+        """Report how far the job is: `fraction` from 0 to 1 and a line for people ("page 3 of
+        8"). The latest is shown by `jlm status`; a `job.progress` event is published at most
+        once a second. False when refused: this run no longer holds a current job (superseded,
+        cancelled, or taken over) or Redis is unreachable; nothing was stored then."""
+        if not 0 <= fraction <= 1:  # NaN fails too
+            raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
+        if self._report is None:
+            return False
+        return await self._report(float(fraction), str(message))
 
 
 Handler = Callable[[Job[Any]], Awaitable[Any]]

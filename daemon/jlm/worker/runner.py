@@ -21,6 +21,7 @@ from jlm.metrics import Metrics
 from jlm.provenance import Event
 from jlm.retry import STEP_RETRY_START, Backoff
 from jlm.worker.job import Active, ReceivedJob, now, worker_event
+from jlm.worker.progress import Progress
 from jlm.worker.registry import Route
 from jlm.worker.store import Facts, Outcome, WorkerStore
 
@@ -81,6 +82,10 @@ class JobRunner:
         self._msg = msg
         self._claimed = claimed
         self._started = time.monotonic()
+        self._progress = Progress(
+            deps.store, deps.emit, deps.worker_id, active, claimed, claimed_facts.get("request_id")
+        )
+        self._job = active.job = dataclasses.replace(active.job, _report=self._progress.report)
         # The job type's settings: the worker's own when its configuration names the job type,
         # else as the daemon recorded them on the job, else the defaults.
         jt = deps.settings.file.job_types.get(self._job.job_type)
@@ -325,6 +330,7 @@ class JobRunner:
 
     async def _after_claimed(self, event: Event) -> None:
         await self._claimed
+        await self._progress.published()
         await self._d.emit(event)
 
     async def _redis(self, call: Callable[[], Awaitable[T]]) -> T | None:
