@@ -34,11 +34,10 @@ from jlm.worker.cancels import CancelListener
 from jlm.worker.job import (
     Active,
     Handler,
-    Job,
     ReceivedJob,
+    claimed_run,
     now,
     parse_job_message,
-    worker_event,
 )
 from jlm.worker.registry import App, Route, routes_of, run_hooks
 from jlm.worker.runner import (
@@ -50,7 +49,7 @@ from jlm.worker.runner import (
     retry_redis,
     unclaimed,
 )
-from jlm.worker.store import Facts, Run, WorkerStore, redis_client
+from jlm.worker.store import Facts, WorkerStore, redis_client
 
 log = logging.getLogger(__name__)
 # Seconds a job message for a job another run holds may stay unsettled (the contract says 1 s).
@@ -347,34 +346,15 @@ class Worker:
     async def _execute(
         self, route: Route, msg: ReceivedJob, facts: Facts, later: list[Awaitable[None]]
     ) -> Settle:
-        job: Job[Any] = Job(
-            id=msg.job_id,
-            job_type=str(facts.get("job_type") or msg.job_type),
-            cache_prefix=str(facts.get("cache_prefix") or msg.cache_prefix),
-            payload=msg.payload,
-            priority=int(facts.get("priority") or msg.priority),
-            attempt=int(facts.get("attempt", 1)),
-            enqueued_at=msg.enqueued_at,
-        )
-        active = Active(job, Run(job.id, self.id, int(facts.get("claim", 0))))
+        active, event = claimed_run(self.id, msg, facts)
+        job = active.job
         self._active[job.id] = active
         if self._cancels.cancelled(job.id):  # the notice overtook the claim's reply
             active.interrupt("cancelled")
         label = self.metrics.job_type_label(job.job_type)
         self.metrics.jobs_claimed.labels(job_type=label).inc()
-        recovered = bool(facts.get("recovered"))
-        if recovered:
+        if facts.get("recovered"):
             self.metrics.jobs_recovered.labels(job_type=label, outcome="retried").inc()
-        info = {"worker": self.id, "attempt": job.attempt, "recovered": recovered}
-        event = worker_event(
-            "job.claimed",
-            "running",
-            job.id,
-            (job.cache_prefix, job.job_type),
-            request_id=facts.get("request_id"),
-            input_=info,
-            output={"lease_until_ms": facts.get("lease_until")},
-        )
         # Published while the handler starts; awaited before the run's outcome is published.
         claimed = asyncio.create_task(self._emit(event))
         later.append(claimed)

@@ -18,7 +18,7 @@ from typing_extensions import TypeVar
 from jlm.keys import tag_of_job
 from jlm.protocol import JobMessage, iso
 from jlm.provenance import Event, new_id, scope_of
-from jlm.worker.store import Run
+from jlm.worker.store import Facts, Run
 
 # A handler's payload type: the plain JSON object unless its job type names a pydantic model.
 P = TypeVar("P", default=dict[str, Any])
@@ -130,6 +130,36 @@ def worker_event(
         input_,
         output,
     )
+
+
+def claimed_run(worker_id: str, msg: ReceivedJob, facts: Facts) -> tuple[Active, Event]:
+    """The run a claim that answered `claimed` starts, and its job.claimed event. The job's
+    names come from its record in Redis (the claim's reply), not from the message."""
+    job: Job[Any] = Job(
+        id=msg.job_id,
+        job_type=str(facts.get("job_type") or msg.job_type),
+        cache_prefix=str(facts.get("cache_prefix") or msg.cache_prefix),
+        payload=msg.payload,
+        priority=int(facts.get("priority") or msg.priority),
+        attempt=int(facts.get("attempt", 1)),
+        enqueued_at=msg.enqueued_at,
+    )
+    active = Active(job, Run(job.id, worker_id, int(facts.get("claim", 0))))
+    info = {
+        "worker": worker_id,
+        "attempt": job.attempt,
+        "recovered": bool(facts.get("recovered")),
+    }
+    event = worker_event(
+        "job.claimed",
+        "running",
+        job.id,
+        (job.cache_prefix, job.job_type),
+        request_id=facts.get("request_id"),
+        input_=info,
+        output={"lease_until_ms": facts.get("lease_until")},
+    )
+    return active, event
 
 
 class HandlerImportError(Exception):
