@@ -19,7 +19,7 @@ from jlm.client import Client
 from jlm.config import Settings
 from jlm.keys import Keys, scope_tag
 from jlm.store import RedisClient
-from jlm.worker import App, Job
+from jlm.worker import App, Job, Worker
 from jlm.worker.registry import routes_of
 
 # The job types of examples/app.py and their concurrency.
@@ -205,3 +205,46 @@ async def test_a_worker_without_config_runs_a_job_type_with_the_daemons_settings
     finally:
         w.close()
         await daemon.stop()
+
+
+async def test_an_app_in_process_runs_its_hooks_around_its_jobs_and_logs_per_job(
+    daemon: Any, client: Client, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = App()
+    seen: list[str] = []
+
+    @app.on_startup
+    async def open_pool(a: App) -> None:
+        a.state.pool = "open"
+        seen.append("startup")
+
+    @app.on_shutdown
+    async def close_pool(a: App) -> None:
+        seen.append(f"shutdown ({a.state.pool})")
+        a.state.pool = "closed"
+
+    @app.job("hooked", concurrency=2)
+    async def hooked(job: Job) -> dict[str, Any]:
+        seen.append(f"job with pool {app.state.pool}")
+        job.log.info("rendering for %s", job.payload["who"])
+        return {"pool": app.state.pool}
+
+    caplog.set_level("INFO", logger="jlm.job")
+    worker = Worker(settings, app)
+    running = asyncio.create_task(worker.run())
+    try:
+        await until(lambda: worker.started.is_set() or running.done(), 20, "the worker")
+        job = await submit(client, "hooked", "h1", {"who": "ann"})
+        await until(lambda: _state_in(client, job, "succeeded"), 10, "the job")
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 20)
+    assert seen == ["startup", "job with pool open", "shutdown (open)"]
+    (line,) = [r for r in caplog.records if r.name == "jlm.job"]
+    assert line.getMessage() == "rendering for ann"
+    fields = (
+        getattr(line, "job_id", None),
+        getattr(line, "job_type", None),
+        getattr(line, "attempt", None),
+    )
+    assert fields == (job, "hooked", 1)

@@ -18,7 +18,7 @@ import orjson
 
 from jlm.config import redact_url
 
-_FIELDS = ("request_id", "job_id", "scope", "decision", "op", "worker")
+_FIELDS = ("request_id", "job_id", "scope", "decision", "op", "worker", "job_type", "attempt")
 
 
 class JsonFormatter(logging.Formatter):

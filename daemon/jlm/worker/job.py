@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,11 @@ class Job(Generic[P]):
         default=None, repr=False, compare=False
     )
 
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines carry this job's id, type and attempt (`job_extra`)."""
+        return logging.LoggerAdapter(HANDLER_LOG, job_extra(self))
+
     async def progress(self, fraction: float, message: str = "") -> bool:
         """Report how far the job is: `fraction` from 0 to 1 and a line for people ("page 3 of
         8"). The latest is shown by `jlm status`; a `job.progress` event is published at most
@@ -54,6 +60,15 @@ class Job(Generic[P]):
 
 
 Handler = Callable[[Job[Any]], Awaitable[Any]]
+HANDLER_LOG = logging.getLogger("jlm.job")
+
+
+def job_extra(job: Job[Any]) -> dict[str, Any]:
+    """The structured fields of every log line about a job: the SDK's own and `job.log`'s.
+    A job's trace context, once jobs carry one, belongs here too (`trace_id`)."""
+    return {"job_id": job.id, "job_type": job.job_type, "attempt": job.attempt}
+
+
 Interruption = Literal["cancelled", "lost", "stopping"]
 
 

@@ -20,7 +20,7 @@ from jlm.errors import Unavailable
 from jlm.metrics import Metrics
 from jlm.provenance import Event
 from jlm.retry import STEP_RETRY_START, Backoff
-from jlm.worker.job import Active, ReceivedJob, now, worker_event
+from jlm.worker.job import Active, ReceivedJob, job_extra, now, worker_event
 from jlm.worker.progress import Progress
 from jlm.worker.registry import Route
 from jlm.worker.store import Facts, Outcome, WorkerStore
@@ -111,7 +111,7 @@ class JobRunner:
             job.cache_prefix,
             job.job_type,
             job.attempt,
-            extra={"job_id": job.id},
+            extra=job_extra(job),
         )
         invalid = self._typed_payload()
         if invalid is not None:  # it would fail every attempt: failed at once
@@ -147,7 +147,7 @@ class JobRunner:
             payload = model.model_validate(self._job.payload)
         except ValidationError as exc:
             log.warning(
-                "job %s: invalid payload: %s", self._job.id, exc, extra={"job_id": self._job.id}
+                "job %s: invalid payload: %s", self._job.id, exc, extra=job_extra(self._job)
             )
             return f"invalid payload: {exc}"[:2000]
         self._job = self._active.job = dataclasses.replace(self._job, payload=payload)
@@ -164,7 +164,7 @@ class JobRunner:
                 self._job.attempt,
                 exc,
                 exc_info=exc,
-                extra={"job_id": self._job.id},
+                extra=job_extra(self._job),
             )
             # The error goes to the job's record, its event and `status`: passwords hidden.
             return "failed", redact_url(f"{type(exc).__name__}: {exc}")[:2000]
@@ -185,7 +185,7 @@ class JobRunner:
             "handler of job %s ignored cancellation for %.1fs: abandoned",
             self._job.id,
             self._d.cancel_grace,
-            extra={"job_id": self._job.id},
+            extra=job_extra(self._job),
         )
         self._d.metrics.handlers_abandoned.labels(job_type=self._label).inc()
         self._d.abandon(task, self._job.id)
@@ -246,7 +246,7 @@ class JobRunner:
                 job.id,
                 facts.state,
                 "result" if outcome == "succeeded" else "error",
-                extra={"job_id": job.id},
+                extra=job_extra(job),
             )
         return "ack"
 
@@ -256,9 +256,7 @@ class JobRunner:
         if abandoned:
             note += f" (handler abandoned after {d.cancel_grace:g}s)"
         if reason == "lost":
-            log.warning(
-                "job %s: this run lost its claim; stopped", job.id, extra={"job_id": job.id}
-            )
+            log.warning("job %s: this run lost its claim; stopped", job.id, extra=job_extra(job))
             return "ack"
         if reason == "cancelled":
             facts = await self._redis(
@@ -305,7 +303,7 @@ class JobRunner:
     def _count(self, state: str, duration: float) -> None:
         """Count this run's outcome, and log it: with the start, one info line each per job."""
         job_id = self._job.id
-        log.info("job %s %s after %.3fs", job_id, state, duration, extra={"job_id": job_id})
+        log.info("job %s %s after %.3fs", job_id, state, duration, extra=job_extra(self._job))
         if state in ("succeeded", "failed", "cancelled"):
             self._d.metrics.jobs_finished.labels(job_type=self._label, state=state).inc()
         self._d.metrics.job_duration.labels(job_type=self._label, state=state).observe(duration)
