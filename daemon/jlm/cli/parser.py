@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run a worker: MODULE:APP serves the app's job types; MODULE:FUNCTION handles one type",
         timeout=False,
     )
-    c.add_argument("target", metavar="MODULE:APP|MODULE:FUNCTION")
+    c.add_argument("target", metavar="MODULE[:APP]|MODULE:FUNCTION", help="MODULE alone: its `app`")
     c.add_argument(
         "--job-type", help="the job type (required with a function; with an app: only it)"
     )

@@ -121,6 +121,11 @@ class Worker:
         return self._stopping.is_set()
 
     @property
+    def running(self) -> list[str]:
+        """The ids of the jobs running here."""
+        return list(self._active)
+
+    @property
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import anyio
 
 from jlm import __version__
 from jlm.config import NAME_RE, Settings, redact_url
 from jlm.errors import Refused, Unavailable
+from jlm.systemd import Notifier, watchdog_loop
 from jlm.worker.app import Worker
 from jlm.worker.job import Handler, HandlerImportError, as_handler, load_target
 from jlm.worker.registry import App, routes_of
@@ -52,7 +54,9 @@ async def run_worker_cli(
         target,
         ", ".join(f"{r.job_type!r} (concurrency {r.concurrency})" for r in routes.values()),
     )
-    signals = asyncio.create_task(_signals(worker))
+    notifier = Notifier.from_env()
+    signals = asyncio.create_task(_signals(worker, notifier))
+    systemd = asyncio.create_task(_systemd(worker, notifier))
     try:
         await worker.run()
     except Refused as exc:
@@ -63,16 +67,39 @@ async def run_worker_cli(
         return EX_UNAVAILABLE
     finally:
         signals.cancel()
-        await asyncio.gather(signals, return_exceptions=True)
+        systemd.cancel()
+        await asyncio.gather(signals, systemd, return_exceptions=True)
+        notifier.close()
     return EX_OK
 
 
-async def _signals(worker: Worker) -> None:
+async def _systemd(worker: Worker, notifier: Notifier) -> None:
+    """Under systemd (Type=notify): READY=1 once consuming every queue, then WATCHDOG=1 while the
+    event loop runs and the worker has not been unready for `watchdog_unready_limit` seconds."""
+    if not notifier.enabled:
+        return
+    await worker.started.wait()
+    notifier.ready(f"consuming {worker.job_type}")
+    unready_since: float | None = None
+
+    def healthy() -> bool:
+        nonlocal unready_since
+        if worker.health.ready:
+            unready_since = None
+            return True
+        unready_since = unready_since or time.monotonic()
+        return time.monotonic() - unready_since < worker.settings.watchdog_unready_limit
+
+    await watchdog_loop(notifier, healthy)
+
+
+async def _signals(worker: Worker, notifier: Notifier) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
             if not worker.stopping:
                 log.info("%s: stopping (a second signal stops running handlers now)", name)
+                notifier.stopping(f"draining {len(worker.running)} running jobs")
                 worker.stop()
             else:
                 log.warning("%s again: stopping running handlers now", name)

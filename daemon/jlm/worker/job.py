@@ -182,9 +182,12 @@ class HandlerImportError(Exception):
 
 
 def load_target(target: str) -> Any:
-    """Import `module:attribute`; the working directory is importable, as `python -m` would do."""
+    """Import `module:attribute` (`module` alone: its `app`); the working directory is
+    importable, as `python -m` would do."""
     module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
+    if not sep:
+        attr = "app"
+    if not module_name or not attr:
         raise HandlerImportError(
             f"{target!r}: expected MODULE:APP or MODULE:FUNCTION, e.g. examples.app:app"
         )
