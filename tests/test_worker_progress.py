@@ -11,6 +11,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import orjson
 import pytest
 from tests.amqp_helpers import read_stream
 from tests.support.daemon import env_for
@@ -112,3 +113,19 @@ async def test_progress_after_the_job_was_superseded_is_refused(env: Env) -> Non
             "step 1 of 1",
         )
         await until(lambda: env.status_is(new, "succeeded"), 10, "the new job")
+
+
+async def test_submit_until_done_reports_the_latest_progress(env: Env) -> None:
+    async with env.workers("progressing"):
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "jlm", "submit", "wtest", "--prefix", "p4", "--json"),
+            *("--payload", '{"steps": 2, "every": 0.4}', "--until-done"),
+            env=env_for(env.settings),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    out = orjson.loads(stdout)
+    assert (out["state"], out["result"]) == ("succeeded", {"steps": 2})
+    assert (out["progress"]["fraction"], out["progress"]["message"]) == (0.5, "step 2 of 2")
