@@ -1,8 +1,9 @@
 """job-lifecycle-manager: a deduplicating job lifecycle daemon, its worker SDK and its client.
 
-The public API: `App`, `Worker` and `Job` (the worker SDK, `jlm.worker`), `Client` (`jlm.client`) and
-`__version__` (the installed package's, from pyproject.toml). Each is imported on first use, so
-that `import jlm` (and the command line's start-up) costs nothing of AMQP, Redis or pydantic.
+The public API: `App`, `Worker` and `Job` (the worker SDK, `jlm.worker`), `Client`
+(`jlm.client`) and `__version__` (the installed package's, from pyproject.toml). Each is imported
+on first use, so that `import jlm` (and the command line's start-up) costs nothing of AMQP, Redis
+or pydantic.
 """
 
 from __future__ import annotations
