@@ -81,3 +81,11 @@ async def test_retries_events_hooks_and_a_cancelled_handlers_cleanup(
     assert stopped.state == "cancelled"
     assert seen[-1] == "cleaned up"
     assert any("stopped by worker" in (h["reason"] or "") for h in stopped.history)
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.01, float("nan")])
+async def test_progress_is_a_fraction_from_zero_to_one(fraction: float) -> None:
+    job = Job("j", "t", "p", {}, 5, 1)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        await job.progress(fraction)
+    assert await job.progress(1.0, "outside a run: nowhere to store it") is False

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from tests.amqp_helpers import read_stream
 from tests.support.services import start_daemon
@@ -64,6 +65,39 @@ def max_overlap(intervals: list[tuple[str, str]]) -> int:
     return best
 
 
+async def rabbitmqctl_json(*args: str) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", *args, "-q", "--formatter", "json", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0
+    return orjson.loads(out)
+
+
+async def worker_channels(settings: Settings) -> list[tuple[int, int]]:
+    """(prefetch, consumers) of every channel of the vhost's `jlm worker` connections, and
+    asserts there is exactly one such connection."""
+    vhost = settings.amqp_url.rpartition("/")[2]
+    conns = await rabbitmqctl_json("list_connections", "-p", vhost, "pid", "client_properties")
+    workers = [
+        c["pid"]
+        for c in conns
+        if any(
+            p[0] == "connection_name" and str(p[2]).startswith("jlm worker")
+            for p in c["client_properties"]
+        )
+    ]
+    assert len(workers) == 1, workers
+    channels = await rabbitmqctl_json(
+        "list_channels", "-p", vhost, "connection", "prefetch_count", "consumer_count"
+    )
+    return sorted(
+        (ch["prefetch_count"], ch["consumer_count"])
+        for ch in channels
+        if ch["connection"] == workers[0]
+    )
+
+
 def start_app(
     settings: Settings, tmp_path: Path, target: str = "examples.app:app"
 ) -> WorkerProcess:
@@ -85,6 +119,8 @@ async def test_one_app_process_runs_three_thousand_jobs_of_three_types_exactly_o
     w = start_app(settings, tmp_path)
     try:
         await w.ready()
+        # One connection: a publish channel, and a consumer per job type with its concurrency.
+        assert await worker_channels(settings) == [(0, 0), (2, 1), (4, 1), (8, 1)]
         t0 = time.monotonic()
         ids: dict[str, str] = {}  # job id -> job type
         for chunk in range(0, n, 250):
@@ -138,6 +174,11 @@ async def test_a_payload_failing_its_model_fails_at_once_with_the_validation_mes
         assert "width" in status["error"]
         assert "greater than 0" in status["error"]
         assert w.metric("jlm_jobs_finished_total", job_type="thumb.make", state="failed") == 1
+        assert w.metric("jlm_jobs_claimed_total", job_type="thumb.make") == 1
+        await asyncio.sleep(0.3)  # the outcome's event follows the ack
+        (failed,) = [e for e in await read_stream(settings) if e["type"] == "job.failed"]
+        assert (failed["job_id"], failed["status"]) == (job, "failed")
+        assert failed["metadata"]["output"]["error"] == status["error"]
     finally:
         w.close()
 
