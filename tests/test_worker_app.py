@@ -4,6 +4,7 @@ typed payloads. Real `jlm worker` processes, the daemon, Redis and RabbitMQ."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import uuid
 from datetime import datetime
@@ -14,7 +15,7 @@ import orjson
 import pytest
 from tests.amqp_helpers import read_stream
 from tests.support.services import start_daemon
-from tests.test_worker import WorkerProcess, until
+from tests.test_worker import ROOT, WorkerProcess, until, worker_env
 
 from jlm.client import Client
 from jlm.config import Settings
@@ -289,3 +290,26 @@ async def test_an_app_in_process_runs_its_hooks_around_its_jobs_and_logs_per_job
         getattr(line, "attempt", None),
     )
     assert fields == (job, "hooked", 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["examples.app", "--job-type", "nope"], "the app has no handler for nope"),
+        (["examples.app:render"], "a handler needs its job type"),
+        (["examples.app:ThumbIn"], "neither an App nor an async function"),
+        (["examples.nothing"], "cannot import 'examples.nothing'"),
+    ],
+)
+async def test_jlm_worker_refuses_a_wrong_target_with_exit_2(
+    settings: Settings, args: list[str], says: str
+) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "jlm", "worker", *args),
+        env=worker_env(settings),
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2, err
+    assert says in err.decode()
