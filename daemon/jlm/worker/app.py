@@ -75,7 +75,7 @@ class Worker:
         self.app = handler if isinstance(handler, App) else None
         self.routes = routes_of(settings, handler, job_type, concurrency)
         self.settings = settings
-        self.job_type = ", ".join(self.routes)
+        self.job_type = ", ".join(self.routes)  # its one job type; an app's, for logs and status
         self.concurrency = sum(r.concurrency for r in self.routes.values())
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.metrics = metrics or Metrics(

@@ -149,7 +149,7 @@ class JobRunner:
             log.warning(
                 "job %s: invalid payload: %s", self._job.id, exc, extra=job_extra(self._job)
             )
-            return f"invalid payload: {exc}"[:2000]
+            return redact_url(f"invalid payload: {exc}")[:2000]
         self._job = self._active.job = dataclasses.replace(self._job, payload=payload)
         return None
 
