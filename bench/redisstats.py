@@ -13,7 +13,8 @@ from jlm.config import FileConfig
 from jlm.keys import Keys, new_job_id, scope_tag
 from jlm.protocol import iso, micros
 from jlm.provenance import new_id
-from jlm.store import HISTORY_BOUND, load_lua
+from jlm.scripts import load_lua
+from jlm.store import HISTORY_BOUND
 
 
 async def commandstats(client: aioredis.Redis) -> dict[str, int]:
@@ -100,6 +101,7 @@ def manage_call(
         1,
         "",
         file.terminal_ttl,
+        *file.recorded_settings(JOB_TYPE),
     ]
     return call_keys, args
 

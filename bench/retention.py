@@ -38,7 +38,7 @@ from bench.env import loadavg, machine
 from bench.redisstats import manage_call
 from jlm.config import FileConfig
 from jlm.keys import Keys
-from jlm.store import load_lua
+from jlm.scripts import load_lua
 
 NAMESPACE = "jlmr"
 BATCH = 2000

@@ -608,7 +608,10 @@ def test_rabbitmq_users_have_least_privilege() -> None:
     assert not problems, "\n".join(problems)
 
 
-WORKER_EVENTS = ("job.claimed", "job.succeeded", "job.failed", "job.cancelled", "job.skipped")
+WORKER_EVENTS = (
+    *("job.claimed", "job.succeeded", "job.failed", "job.cancelled", "job.skipped"),
+    *("job.released", "job.progress"),
+)
 DAEMON_ONLY_EVENTS = ("job.enqueued", "job.superseded", "request.rejected", "job.deduplicated")
 
 

@@ -50,7 +50,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """`python -m jlm worker <target> --job-type T` with the test's settings."""
+    """`python -m jlm worker <target> [--job-type T]` with the test's settings."""
 
     def __init__(
         self,
@@ -58,15 +58,19 @@ class WorkerProcess:
         target: str,
         log_path: Path,
         *,
-        job_type: str = JOB_TYPE,
+        job_type: str | None = JOB_TYPE,
         concurrency: int = 1,
         **env: str,
     ) -> None:
         self.port = free_port()
         self.log_path = log_path
         self._log = log_path.open("ab")
+        # With no job type the target is an app: it serves its job types, each its concurrency.
+        args = (
+            [] if job_type is None else ["--job-type", job_type, "--concurrency", str(concurrency)]
+        )
         self.proc = subprocess.Popen(
-            [*_WORKER, target, "--job-type", job_type, "--concurrency", str(concurrency)],
+            [*_WORKER, target, *args],
             env=worker_env(settings, JLM_WORKER_METRICS_ADDR=f"127.0.0.1:{self.port}", **env),
             cwd=ROOT,
             stdout=self._log,

@@ -294,6 +294,24 @@ async def test_a_superseded_running_job_released_is_cancelled(scripts: Scripts) 
 
 # -- property: whatever the interleaving, only the scope's current job is ever cached ----------
 
+
+async def _progress(s: Scripts, job: str, run: Run) -> None:
+    """progress.lua stores exactly when the run holds a running job that was not superseded."""
+    record = await s.job(job)
+    holds = (record.get("owner"), record.get("claim")) == (run.owner, str(run.claim))
+    expected = record["state"] == "running" and holds and "superseded_by" not in record
+    sent = {"fraction": 0.5, "message": uuid.uuid4().hex, "at": now()}
+    facts = await s.ws.progress(run, sent)
+    event(f"progress {facts.o}")
+    assert facts.o == ("stored" if expected else "refused"), (facts.raw, record)
+    stored = (await s.job(job)).get("progress")
+    if expected:
+        assert stored is not None
+        assert orjson.loads(stored) == sent
+    else:
+        assert stored == record.get("progress"), "a refused progress writes nothing"
+
+
 OPS = st.lists(
     st.one_of(
         st.tuples(st.just("manage"), st.booleans()),
@@ -302,6 +320,7 @@ OPS = st.lists(
         st.tuples(st.just("finish"), st.integers(0, 2), st.sampled_from(["succeeded", "failed"])),
         st.tuples(st.just("cancel"), st.integers(0, 2)),
         st.tuples(st.just("release"), st.integers(0, 2)),
+        st.tuples(st.just("progress"), st.integers(0, 2)),
     ),
     min_size=1,
     max_size=20,
@@ -355,6 +374,8 @@ async def _interleave(settings: Settings, ops: list[tuple]) -> None:  # noqa: C9
                 event(f"finish {done.o} cached={done.get('cached')}")
             elif kind == "cancel":
                 await s.cancel(job)
+            elif kind == "progress" and job in runs:
+                await _progress(s, job, runs[job])
             elif kind == "release" and job in runs:
                 released = await s.ws.release(runs[job], now(), "r")
                 if released.o == "released":

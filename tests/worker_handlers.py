@@ -99,3 +99,28 @@ async def traced(job: Job) -> dict[str, Any]:
         "traceparent": job.traceparent,
         "current": ctx.trace_id if ctx is not None else None,
     }
+
+
+async def flaky(job: Job) -> dict[str, Any]:
+    """Fail until attempt `succeed_on` (payload), counting each attempt; then succeed."""
+    await _redis().hincrby(key("runs"), job.id, 1)
+    if job.attempt < int(job.payload["succeed_on"]):
+        raise RuntimeError(f"boom on attempt {job.attempt}")
+    return {"attempt": job.attempt}
+
+
+async def progressing(job: Job) -> dict[str, Any]:
+    """Report progress `steps` times, `every` seconds apart, recording what each call returned;
+    with `hold`, then wait for the test's `go:<job>` key and report once more."""
+    r = _redis()
+    steps, every = int(job.payload.get("steps", 1)), float(job.payload.get("every", 0))
+    for i in range(1, steps + 1):
+        ok = await job.progress(i / steps / 2, f"step {i} of {steps}")
+        await r.rpush(key(f"progress:{job.id}"), int(ok))
+        await asyncio.sleep(every)
+    if job.payload.get("hold"):
+        while not await r.exists(key(f"go:{job.id}")):
+            await asyncio.sleep(0.02)
+        ok = await job.progress(1.0, "after go")
+        await r.rpush(key(f"progress:{job.id}"), int(ok))
+    return {"steps": steps}

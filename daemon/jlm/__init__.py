@@ -1,6 +1,6 @@
 """job-lifecycle-manager: a deduplicating job lifecycle daemon, its worker SDK and its client.
 
-The public API: `Worker` and `Job` (the worker SDK, `jlm.worker`), `JobsClient` and `Client`
+The public API: `App`, `Worker` and `Job` (the worker SDK, `jlm.worker`), `JobsClient` and `Client`
 (`jlm.client`) and `__version__` (the installed package's, from pyproject.toml). Each is imported
 on first use, so that `import jlm` (and the command line's start-up) costs nothing of AMQP, Redis
 or pydantic.
@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from jlm.client import Client, JobsClient
-    from jlm.worker import Job, Worker
+    from jlm.worker import App, Job, Worker
 
     __version__: str
 
-__all__ = ["Client", "Job", "JobsClient", "Worker", "__version__"]
+__all__ = ["App", "Client", "Job", "JobsClient", "Worker", "__version__"]
 
 _LAZY = {
+    "App": "jlm.worker",
     "Client": "jlm.client",
     "JobsClient": "jlm.client",
     "Job": "jlm.worker",

@@ -130,6 +130,12 @@ class FileConfig(BaseModel):
         found = self.job_types.get(job_type)
         return found.queue if found is not None and found.queue else f"jlm.jobs.{job_type}"
 
+    def recorded_settings(self, job_type: str) -> tuple[int, int, float, str]:
+        """(max_attempts, result_ttl, retry_backoff, queue): what manage.lua records on each job
+        of the type, so that a worker needs no configuration file."""
+        jt = self.job_type(job_type) or JobTypeConfig(result_ttl=self.default_result_ttl)
+        return jt.max_attempts, jt.result_ttl, jt.retry_backoff, self.queue_for(job_type)
+
 
 class Settings(BaseModel):
     """Everything the daemon reads from its environment. Frozen; built by `load`, passed in."""

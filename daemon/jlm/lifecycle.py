@@ -225,6 +225,7 @@ class Lifecycle:
             bind_here=bind_here,
             session=ctx.redelivered_in,
             terminal_ttl=self._file.terminal_ttl,
+            type_settings=self._file.recorded_settings(req.job_type),
         )
 
     def _count_manage(self, req: ManageRequest, policy: str, f: ManageFacts) -> None:
@@ -379,6 +380,8 @@ class Lifecycle:
         }
         if job.get("error"):
             reply["error"] = job["error"]
+        if job.get("progress"):  # {fraction, message, at}: the latest a handler reported
+            reply["progress"] = orjson.loads(job["progress"])
         return Outcome(reply)
 
     # -- by scope --------------------------------------------------------------------------------

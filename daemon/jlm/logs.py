@@ -19,7 +19,17 @@ import orjson
 from jlm.config import redact_url
 from jlm.tracing import TraceFilter
 
-_FIELDS = ("request_id", "job_id", "trace_id", "scope", "decision", "op", "worker")
+_FIELDS = (
+    "request_id",
+    "job_id",
+    "trace_id",
+    "scope",
+    "decision",
+    "op",
+    "worker",
+    "job_type",
+    "attempt",
+)
 
 
 class JsonFormatter(logging.Formatter):

@@ -73,6 +73,14 @@ class HistoryEntry(_Message):
     reason: str | None = None
 
 
+class Progress(_Message):
+    """How far a running job is, as its handler last reported it."""
+
+    fraction: float = Field(ge=0, le=1)
+    message: str = ""
+    at: Time
+
+
 class JobStatus(_Message):
     """The reply to `status`: a job's state and history."""
 
@@ -88,6 +96,9 @@ class JobStatus(_Message):
     attempt: int = 0
     history: list[HistoryEntry]
     error: str | None = Field(default=None, description="why a failed job failed")
+    progress: Progress | None = Field(
+        default=None, description="the latest progress its handler reported, once it has"
+    )
 
 
 class InvalidateReply(_Message):
@@ -161,6 +172,7 @@ class EventModel(_Message):
                 "job.cancelled",
                 "job.cancel_declined",
                 "job.claimed",
+                "job.progress",
                 "job.succeeded",
                 "job.failed",
                 "job.released",

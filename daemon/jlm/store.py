@@ -7,7 +7,6 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, TypeVar
 
 import orjson
@@ -37,6 +36,7 @@ from jlm.facts import (
 )
 from jlm.keys import Keys
 from jlm.metrics import Metrics
+from jlm.scripts import load_lua
 
 HISTORY_BOUND = 50
 MARK_DELAY = 0.02  # seconds a published-mark waits for others to share its pipeline
@@ -73,26 +73,6 @@ _PASSING_REPLY_CLASSES = (
     ClusterDownError,
     OutOfMemoryError,
 )
-
-
-# Every script starts with `prelude.lua` (history notes, server time); the scripts that record a
-# decision with `record.lua` (lookup, replay, save) after it.
-RECORDING = ("manage", "cancel", "invalidate")
-# Scripts that only read. Every other script is declared as writing: Redis 7 then refuses it whole
-# at `maxmemory` (OOM, a passing cause) before it runs, where a script without a declaration
-# runs until its first refused write, and a first write that frees memory (DEL) lets it write on.
-READ_ONLY = ("status", "result")
-
-
-def _lua_file(name: str) -> str:
-    return resources.files("jlm").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-
-
-def load_lua(name: str) -> str:
-    """A script's text as loaded: its flags (Redis 7 shebang), the preludes, then the script."""
-    shebang = "#!lua flags=no-writes\n" if name in READ_ONLY else "#!lua\n"
-    preludes = ("prelude", "record") if name in RECORDING else ("prelude",)
-    return shebang + "".join(_lua_file(part) for part in (*preludes, name))
 
 
 def connect(
@@ -248,8 +228,9 @@ class Store:
         bind_here: bool,
         session: str,
         terminal_ttl: int,
+        type_settings: tuple[int, int, float, str],
     ) -> Decision[ManageFacts]:
-        """manage.lua: one decision for one dedup scope."""
+        """manage.lua: one decision for one dedup scope (with the job type's settings)."""
         d = await self.decide(
             "manage",
             [scope, result, record, job, history, binding],
@@ -274,6 +255,7 @@ class Store:
                 int(bind_here),
                 session,
                 terminal_ttl,
+                *type_settings,
             ],
         )
         return _typed(d, ManageFacts.decode(d.facts))

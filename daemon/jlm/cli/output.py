@@ -32,6 +32,14 @@ def out(args: argparse.Namespace, reply: dict[str, Any], text: str) -> None:
     print(orjson.dumps(reply).decode() if args.json else text)
 
 
+def progress_line(p: dict[str, Any]) -> str:
+    """`40% page 3 of 8 (at 2026-12-02T10:00:00.123456Z)`."""
+    text = f"{float(p.get('fraction', 0)) * 100:.0f}%"
+    if p.get("message"):
+        text += f" {p['message']}"
+    return f"{text} (at {p.get('at')})"
+
+
 def describe(command: str, r: dict[str, Any]) -> str:
     if command == "submit":
         lines = [
@@ -59,6 +67,8 @@ def describe(command: str, r: dict[str, Any]) -> str:
         ]
         if r.get("superseded_by"):
             head.append(f"superseded by {r['superseded_by']}")
+        if r.get("progress"):
+            head.append(f"progress {progress_line(r['progress'])}")
         head += [f"  {h['at']}  {h['state']:<10} {h.get('reason') or ''}" for h in r["history"]]
         return "\n".join(head)
     if command == "cancel":

@@ -101,10 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--request", metavar="MESSAGE_ID", help="only this request's events")
     c.add_argument("--scope", metavar="PREFIX/TYPE", help="only this dedup scope's events")
     c.add_argument("--type", metavar="TYPE", help="only events of this type (a glob: 'job.*')")
-    c = cmd("worker", "run a worker: MODULE:FUNCTION handles jobs of one type", timeout=False)
-    c.add_argument("target", metavar="MODULE:FUNCTION")
-    c.add_argument("--job-type", required=True)
-    c.add_argument("--concurrency", type=int, default=1)
+    c = cmd(
+        "worker",
+        "run a worker: MODULE:APP serves the app's job types; MODULE:FUNCTION handles one type",
+        timeout=False,
+    )
+    c.add_argument("target", metavar="MODULE[:APP]|MODULE:FUNCTION", help="MODULE alone: its `app`")
+    c.add_argument(
+        "--job-type", help="the job type (required with a function; with an app: only it)"
+    )
+    c.add_argument(
+        "--concurrency", type=int, default=1, help="with a function (an app sets its own)"
+    )
     cmd(
         "check-config",
         "validate the settings and print each with its source (default, env, file, credential)"

@@ -21,6 +21,7 @@ from jlm.cli.output import (
     describe,
     fail,
     out,
+    progress_line,
 )
 
 if TYPE_CHECKING:
@@ -177,9 +178,15 @@ async def _until_done(
     if show:
         print(f"jlm: job {job_id}: {state}", file=sys.stderr, flush=True)
     status: dict[str, Any] = {}
+    progress: dict[str, Any] | None = None
     while state not in FINAL_STATES and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
         status = await _reply(client, "status", {"job_id": job_id})
+        if show and status.get("progress") and status["progress"] != progress:
+            progress = status["progress"]
+            took = time.monotonic() - started
+            line = progress_line(progress)
+            print(f"\rjlm: job {job_id}: {line} ({took:.1f}s)", file=sys.stderr, flush=True)
         if status.get("state") != state:
             state = status.get("state")
             if show:
@@ -189,6 +196,8 @@ async def _until_done(
             took = time.monotonic() - started
             print(f"\rjlm: {state}, {took:.0f}s", end="", file=sys.stderr, flush=True)
     out = dict(reply, state=state)
+    if progress is not None or status.get("progress"):
+        out["progress"] = status.get("progress") or progress
     if state == "succeeded":
         res = await _reply(
             client, "result", {"job_type": args.job_type, "cache_prefix": args.prefix}

@@ -6,7 +6,8 @@
 -- ARGV[1]  worker id           becomes the job's `owner`
 -- ARGV[2]  now                 RFC 3339 (history and timestamps)
 -- ARGV[3]  lease               milliseconds; the deadline is Redis TIME + lease
--- ARGV[4]  max_attempts        of the job's type
+-- ARGV[4]  max_attempts        the worker's own setting for the job type, or '' to use the one
+--                              the daemon recorded on the job (1 when none is recorded)
 -- ARGV[5]  history bound       entries kept per job
 -- ARGV[6]  job TTL             seconds
 -- ARGV[7]  terminal TTL        seconds a job that ends here (a lost run) is kept; optional:
@@ -22,7 +23,9 @@
 --   wait:    wait_ms (until the live lease of another run expires), owner
 --   lost:    the previous worker's lease expired and no attempt is left (state failed), or the
 --            job was superseded meanwhile (state cancelled)
--- and job_type, cache_prefix, priority, request_id, attempt, superseded_by of the job when known.
+-- and job_type, cache_prefix, priority, request_id, attempt, superseded_by of the job when known,
+-- and the job type's settings: max_attempts (the one that decided here), and result_ttl,
+-- retry_backoff, queue as the daemon recorded them on the job (absent when it did not).
 
 local owner, now, lease_ms, max_attempts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local bound, ttl, terminal_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
@@ -35,7 +38,8 @@ local function job_note(st, reason)
 end
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'job_type', 'cache_prefix', 'priority',
-  'request_id', 'attempt', 'owner', 'lease_until', 'superseded_by', 'claim')
+  'request_id', 'attempt', 'owner', 'lease_until', 'superseded_by', 'claim', 'max_attempts',
+  'result_ttl', 'retry_backoff', 'queue')
 local state = j[1]
 if not state then
   return cjson.encode({o = 'skip', reason = 'unknown', state = 'unknown'})
@@ -43,9 +47,19 @@ end
 
 local attempt = tonumber(j[6] or '0')
 local _, now_ms = server_time()
+-- A recorded number, or nil (left out of the reply) when the job has none.
+local function num(v)
+  if v then
+    return tonumber(v)
+  end
+  return nil
+end
 local f = {state = state, job_type = j[2] or nil, cache_prefix = j[3] or nil,
   priority = tonumber(j[4] or '5'), request_id = j[5] or nil, attempt = attempt,
-  superseded_by = j[9] or nil}
+  superseded_by = j[9] or nil,
+  max_attempts = tonumber(max_attempts ~= '' and max_attempts or j[11] or '1'),
+  result_ttl = num(j[12]), retry_backoff = num(j[13]), queue = j[14] or nil}
+max_attempts = f.max_attempts
 
 local function skip(reason)
   f.o, f.reason = 'skip', reason

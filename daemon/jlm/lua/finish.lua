@@ -5,12 +5,14 @@
 -- KEYS[3]  scope hash          field `job`: the scope's current job
 -- KEYS[4]  result hash         fields job, value (JSON), at; written only for the current job
 -- ARGV[1]  outcome             succeeded | failed | stopped (the worker stopped a cancelled job)
+--                              | rejected (failed, never retried: e.g. a payload its handler's
+--                              model refuses, which would fail every attempt)
 -- ARGV[2]  worker id           must be the job's `owner`
 -- ARGV[3]  claim sequence      must be the job's `claim`
 -- ARGV[4]  now                 RFC 3339
 -- ARGV[5]  value               succeeded: the result (JSON); failed: the error text; else ''
--- ARGV[6]  result TTL          seconds
--- ARGV[7]  max_attempts        of the job's type
+-- ARGV[6]  result TTL          seconds      } of the job's type: as claim.lua answered them
+-- ARGV[7]  max_attempts                     }
 -- ARGV[8]  job id
 -- ARGV[9]  history bound       entries kept per job
 -- ARGV[10] job TTL             seconds
@@ -45,6 +47,10 @@ end
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',
   'cancel_requested', 'request_id', 'gen')
 local state = j[1]
+local retry = outcome == 'failed'
+if outcome == 'rejected' then
+  outcome = 'failed'
+end
 local f = {state = state or 'unknown', attempt = tonumber(j[4] or '0'),
   gen = tonumber(j[8] or '0'), request_id = j[7] or nil, superseded_by = j[5] or nil,
   cancel_requested = j[6] or nil}
@@ -94,7 +100,7 @@ end
 
 -- failed
 redis.call('HSET', KEYS[1], 'error', value, 'updated_at', now)
-if f.attempt < tonumber(max_attempts) and not j[5] then
+if retry and f.attempt < tonumber(max_attempts) and not j[5] then
   redis.call('HSET', KEYS[1], 'state', 'pending')
   f.gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
   job_note('pending', 'attempt ' .. f.attempt .. ' failed: ' .. value .. '; retrying')

@@ -25,6 +25,9 @@
 -- ARGV[18] bind here           1 on one Redis; 0 when bind.lua has bound the key already
 -- ARGV[19] session             broker session of a redelivered message, '' for a first delivery
 -- ARGV[20] terminal TTL        seconds a job made terminal here is kept (prelude.lua: ttl_of)
+-- ARGV[21] max_attempts   ARGV[22] result_ttl (s)   ARGV[23] retry_backoff (s)   ARGV[24] queue
+--                              the job type's settings, recorded on the new job so that workers
+--                              and their scripts read them there (docs/worker-protocol.md)
 --
 -- Returns {status, facts, result, job state, republish}:
 --   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated), job, state, prev,
@@ -149,6 +152,8 @@ f.inv = inv
 redis.call('HSET', KEYS[4], 'state', 'pending', 'job_type', job_type, 'cache_prefix', cache_prefix,
   'priority', priority, 'created_at', now, 'updated_at', now, 'attempt', 0,
   'request_id', request_id, 'requested_at', at)
+redis.call('HSET', KEYS[4], 'max_attempts', ARGV[21], 'result_ttl', ARGV[22],
+  'retry_backoff', ARGV[23], 'queue', ARGV[24])
 redis.call('EXPIRE', KEYS[4], job_ttl)
 note(KEYS[4] .. ':h', 'pending', now, 'enqueued', bound, job_ttl)
 redis.call('HSET', KEYS[1], 'job', new_id, 'at', at)

@@ -30,17 +30,17 @@ from jlm.metrics import HealthState, Metrics
 from jlm.provenance import Event
 from jlm.retry import RECONNECT_START, STEP_RETRY_START, Backoff, RareLog
 from jlm.store import Store
-from jlm.worker.broker import QueueMissing, WorkerBroker
+from jlm.worker.broker import Consumed, QueueMissing, WorkerBroker
 from jlm.worker.cancels import CancelListener
 from jlm.worker.job import (
     Active,
     Handler,
-    Job,
     ReceivedJob,
+    claimed_run,
     now,
     parse_job_message,
-    worker_event,
 )
+from jlm.worker.registry import App, Route, routes_of, run_hooks
 from jlm.worker.runner import (
     Deps,
     JobRunner,
@@ -50,7 +50,7 @@ from jlm.worker.runner import (
     retry_redis,
     unclaimed,
 )
-from jlm.worker.store import Facts, Run, WorkerStore, redis_client
+from jlm.worker.store import Facts, WorkerStore, redis_client
 
 log = logging.getLogger(__name__)
 # Seconds a job message for a job another run holds may stay unsettled (the contract says 1 s).
@@ -58,13 +58,14 @@ SETTLE_WAIT = 0.9
 
 
 class Worker:
-    """Runs `handler` for the jobs of one job type, `concurrency` at a time."""
+    """Runs `handler` for the jobs of one job type, `concurrency` at a time; or, given an `App`,
+    each of its job types with its own handler and concurrency, on one broker connection."""
 
     def __init__(
         self,
         settings: Settings,
-        handler: Handler,
-        job_type: str,
+        handler: Handler | App,
+        job_type: str | None = None,
         concurrency: int = 1,
         *,
         metrics: Metrics | None = None,
@@ -72,18 +73,17 @@ class Worker:
         stop_grace: float | None = None,
         worker_id: str | None = None,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
+        self.app = handler if isinstance(handler, App) else None
+        self.routes = routes_of(settings, handler, job_type, concurrency)
         self.settings = settings
-        self.job_type = job_type
-        self.concurrency = concurrency
+        self.job_type = ", ".join(self.routes)  # its one job type; an app's, for logs and status
+        self.concurrency = sum(r.concurrency for r in self.routes.values())
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.metrics = metrics or Metrics(
             max_job_types=settings.file.max_job_types, configured=settings.file.job_types
         )
         self.health = HealthState()
         self._stop_grace = settings.worker_shutdown_timeout if stop_grace is None else stop_grace
-        self._queue = settings.file.queue_for(job_type)
         self._keys = Keys(settings.redis_namespace)
         self._store = WorkerStore(
             Store(redis_client(settings, settings.redis_cluster), self._keys, self.metrics),
@@ -106,7 +106,6 @@ class Worker:
             settings=settings,
             store=self._store,
             metrics=self.metrics,
-            handler=handler,
             emit=self._emit,
             republish=self._republish,
             abandon=self._abandon,
@@ -124,6 +123,11 @@ class Worker:
         return self._stopping.is_set()
 
     @property
+    def running(self) -> list[str]:
+        """The ids of the jobs running here."""
+        return list(self._active)
+
+    @property
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
 
@@ -133,8 +137,12 @@ class Worker:
         """Consume until `stop()`, then drain. Raises Unavailable when Redis or the broker cannot
         be reached at start."""
         broker = self._new_broker()
+        hooked: App | None = None  # set once the start-up hooks ran: the shutdown hooks run too
         try:
             await self._store.store.ping_script()
+            if self.app is not None:
+                hooked = self.app
+                await run_hooks(hooked, hooked.startup)
             if self._http is not None:
                 await self._http.start()  # /readyz answers 503 while the queue is awaited
             broker = await self._open_when_queue_exists(broker)
@@ -157,6 +165,8 @@ class Worker:
             if self._http is not None:
                 await self._http.stop()
             await self._store.store.close()
+            if hooked is not None:
+                await run_hooks(hooked, hooked.shutdown[::-1])
             log.info("worker %s stopped", self.id)
 
     def stop(self, *, force: bool = False) -> None:
@@ -185,7 +195,10 @@ class Worker:
 
     def _new_broker(self) -> WorkerBroker:
         name = f"jlm worker {self.id}"
-        return WorkerBroker(self.settings, name, self._queue, self.job_type, self.concurrency)
+        consumed = [
+            Consumed(r.queue or "", r.job_type, r.concurrency) for r in self.routes.values()
+        ]
+        return WorkerBroker(self.settings, name, consumed)
 
     async def _sessions(self, broker: WorkerBroker) -> None:
         """One AMQP session after another until stopping; running handlers outlive a session."""
@@ -195,13 +208,16 @@ class Worker:
             try:
                 await broker.consume(functools.partial(self._on_message, broker))
             except Unavailable as exc:
-                log.warning("cannot consume %s: %s", self._queue, exc.message)
+                log.warning("cannot consume %s: %s", broker.queue_name, exc.message)
                 broker.closed.set()
             else:
                 self._set_consuming(True)
                 self.started.set()
                 log.info(
-                    "worker %s consuming %s (prefetch %d)", self.id, self._queue, self.concurrency
+                    "worker %s consuming %s (prefetch %s)",
+                    self.id,
+                    broker.queue_name,
+                    ", ".join(str(r.concurrency) for r in self.routes.values()),
                 )
                 await first_of(self._stopping.wait(), broker.closed.wait())
             self._set_consuming(False)
@@ -244,16 +260,21 @@ class Worker:
 
     # -- one delivery ----------------------------------------------------------------------------
 
-    async def _on_message(self, broker: WorkerBroker, message: AbstractIncomingMessage) -> None:
+    async def _on_message(
+        self, broker: WorkerBroker, consumed: Consumed, message: AbstractIncomingMessage
+    ) -> None:
         # Our own task, not the AMQP library's: a handler must outlive a broken channel.
-        task = asyncio.create_task(self._process(broker, message))
+        route = self.routes[consumed.job_type]
+        task = asyncio.create_task(self._process(broker, route, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _process(self, broker: WorkerBroker, message: AbstractIncomingMessage) -> None:
+    async def _process(
+        self, broker: WorkerBroker, route: Route, message: AbstractIncomingMessage
+    ) -> None:
         later: list[Awaitable[None]] = []
         try:
-            settle = await self._deliver(broker, message, later)
+            settle = await self._deliver(broker, route, message, later)
         except Exception:
             log.exception("internal error on job message %s", message.message_id)
             await asyncio.sleep(1)
@@ -267,20 +288,24 @@ class Worker:
                 log.exception("publishing after job message %s", message.message_id)
 
     async def _deliver(
-        self, broker: WorkerBroker, message: AbstractIncomingMessage, later: list[Awaitable[None]]
+        self,
+        broker: WorkerBroker,
+        route: Route,
+        message: AbstractIncomingMessage,
+        later: list[Awaitable[None]],
     ) -> Settle:
         """Claim and run; `later` gets what is published once the message is settled."""
         # This task (and the handler's) continues the job's trace: its logs and events carry it.
         tracing.adopt(tracing.from_headers(message.headers))
         msg = parse_job_message(message.body)
         if msg is None:
-            later.append(self._emit(invalid(self._deps, self.job_type, message.message_id)))
+            later.append(self._emit(invalid(self._deps, route.job_type, message.message_id)))
             return "ack"
         facts = await self._claim(broker, msg, bool(message.redelivered))
         if facts is None:
             return "keep" if broker.closed.is_set() else "requeue"
         if facts.o == "claimed":
-            return await self._execute(msg, facts, later)
+            return await self._execute(route, msg, facts, later)
         if facts.o == "wait":
             # A second copy of a job another run holds (e.g. a replay): that run owns the job.
             # Should its worker die, its own message comes back (redelivered) and recovers it.
@@ -301,8 +326,9 @@ class Worker:
         claimed again until SETTLE_WAIT, then given back to the queue (requeued, not held), so
         the job is recovered by whichever worker gets it once the dead worker's lease lapses.
         """
-        jt = self.settings.file.job_type(msg.job_type)
-        max_attempts = jt.max_attempts if jt is not None else 1
+        # The worker's own setting when its configuration names the job type, else the job's.
+        jt = self.settings.file.job_types.get(msg.job_type)
+        max_attempts = jt.max_attempts if jt is not None else ""
         deadline = time.monotonic() + SETTLE_WAIT
         while not self._stopping.is_set() and not broker.closed.is_set():
             facts = await retry_redis(
@@ -327,43 +353,27 @@ class Worker:
         return None
 
     async def _execute(
-        self, msg: ReceivedJob, facts: Facts, later: list[Awaitable[None]]
+        self, route: Route, msg: ReceivedJob, facts: Facts, later: list[Awaitable[None]]
     ) -> Settle:
-        job = Job(
-            id=msg.job_id,
-            job_type=str(facts.get("job_type") or msg.job_type),
-            cache_prefix=str(facts.get("cache_prefix") or msg.cache_prefix),
-            payload=msg.payload,
-            priority=int(facts.get("priority") or msg.priority),
-            attempt=int(facts.get("attempt", 1)),
-            enqueued_at=msg.enqueued_at,
-            traceparent=trace.traceparent if (trace := tracing.current()) else None,
-        )
-        active = Active(job, Run(job.id, self.id, int(facts.get("claim", 0))))
+        trace = tracing.current()  # adopted from the job message's headers
+        traceparent = trace.traceparent if trace is not None else None
+        active, event = claimed_run(self.id, msg, facts, traceparent=traceparent)
+        job = active.job
         self._active[job.id] = active
         if self._cancels.cancelled(job.id):  # the notice overtook the claim's reply
             active.interrupt("cancelled")
         label = self.metrics.job_type_label(job.job_type)
         self.metrics.jobs_claimed.labels(job_type=label).inc()
-        recovered = bool(facts.get("recovered"))
-        if recovered:
+        if facts.get("recovered"):
             self.metrics.jobs_recovered.labels(job_type=label, outcome="retried").inc()
-        info = {"worker": self.id, "attempt": job.attempt, "recovered": recovered}
-        event = worker_event(
-            "job.claimed",
-            "running",
-            job.id,
-            (job.cache_prefix, job.job_type),
-            request_id=facts.get("request_id"),
-            input_=info,
-            output={"lease_until_ms": facts.get("lease_until")},
-        )
         # Published while the handler starts; awaited before the run's outcome is published.
         claimed = asyncio.create_task(self._emit(event))
         later.append(claimed)
         log.debug("claimed job %s (attempt %d)", job.id, job.attempt, extra={"job_id": job.id})
         try:
-            return await JobRunner(self._deps, active, msg, claimed, later).run()
+            return await JobRunner(
+                self._deps, active, msg, claimed, later, route=route, claimed_facts=facts
+            ).run()
         finally:
             self._active.pop(job.id, None)
 

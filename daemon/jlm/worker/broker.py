@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import aio_pika
 import orjson
-from aio_pika.abc import AbstractConnection
-from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from aiormq.exceptions import AMQPError, ChannelAccessRefused, ChannelNotFoundEntity
 from pamqp.commands import Basic
 
 from jlm import tracing
 from jlm.amqp.names import EVENTS, JOBS, JSON
-from jlm.amqp.session import AmqpSession, Callback, Outgoing
+from jlm.amqp.session import AmqpSession, Outgoing
 from jlm.config import Settings
 from jlm.errors import Unavailable
 from jlm.provenance import Event
@@ -28,23 +36,36 @@ class QueueMissing(Unavailable):
     configured job types' queues at start, so the worker waits for it."""
 
 
-class WorkerBroker(AmqpSession):
-    """Consume channel (prefetch = concurrency) and confirmed publish channel of one connection."""
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """One job queue the session consumes: its name, job type and prefetch (the concurrency)."""
 
-    def __init__(self, settings: Settings, name: str, queue: str, job_type: str, prefetch: int):
+    queue: str
+    job_type: str
+    prefetch: int
+
+
+class WorkerBroker(AmqpSession):
+    """One connection: a confirmed publish channel, and a consume channel per job queue whose
+    prefetch is that job type's concurrency."""
+
+    def __init__(self, settings: Settings, name: str, consumed: list[Consumed]):
         super().__init__(settings, name)
-        self.queue_name = queue
-        self._job_type = job_type
-        self._prefetch = prefetch
+        self.consumed = consumed
+        self.queue_name = ", ".join(c.queue for c in consumed)
+        self._consumers: list[tuple[AbstractChannel, AbstractQueue, str | None]] = []
 
     async def _setup(self, conn: AbstractConnection) -> None:
         self._publish_ch = await conn.channel(publisher_confirms=True, on_return_raises=True)
-        await self._declare()
-        self._consume_ch = await conn.channel(publisher_confirms=False)
-        await self._consume_ch.set_qos(prefetch_count=self._prefetch)
-        self._consume_queue = await self._consume_ch.get_queue(self.queue_name, ensure=False)
+        for c in self.consumed:
+            await self._declare(c)
+        for c in self.consumed:
+            ch = await conn.channel(publisher_confirms=False)
+            await ch.set_qos(prefetch_count=c.prefetch)
+            self._consumers.append((ch, await ch.get_queue(c.queue, ensure=False), None))
+        self._consume_ch = self._consumers[0][0]
 
-    async def _declare(self) -> None:
+    async def _declare(self, c: Consumed) -> None:
         """Declare exactly as the daemon does (harmless twice); with no configure permission,
         use what the daemon declared."""
         ch = self._publish_ch
@@ -53,26 +74,47 @@ class WorkerBroker(AmqpSession):
         try:
             jobs = await ch.declare_exchange(JOBS, aio_pika.ExchangeType.DIRECT, durable=True)
             await ch.declare_exchange(EVENTS, aio_pika.ExchangeType.TOPIC, durable=True)
-            q = await ch.declare_queue(
-                self.queue_name, durable=True, arguments={"x-max-priority": 10}
-            )
-            await q.bind(jobs, routing_key=self._job_type)
+            q = await ch.declare_queue(c.queue, durable=True, arguments={"x-max-priority": 10})
+            await q.bind(jobs, routing_key=c.job_type)
         except ChannelAccessRefused:
             log.info("no configure permission: using the topology the daemon declared")
             ch = self._publish_ch = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             try:
-                await ch.declare_queue(self.queue_name, passive=True)
+                await ch.declare_queue(c.queue, passive=True)
             except ChannelNotFoundEntity as exc:
                 raise QueueMissing(
-                    f"rabbitmq: queue {self.queue_name} does not exist yet (the daemon declares "
+                    f"rabbitmq: queue {c.queue} does not exist yet (the daemon declares "
                     "it at start when the job type is configured)",
                     "rabbitmq",
                 ) from exc
 
-    async def consume(self, callback: Callback) -> None:
-        await self._start_consuming(callback)
+    async def consume(
+        self, callback: Callable[[Consumed, AbstractIncomingMessage], Awaitable[None]]
+    ) -> None:
+        """Consume every job queue; `callback(c, message)` handles a delivery of `c`'s queue."""
+        for i, (ch, queue, _) in enumerate(self._consumers):
+            try:
+                tag = await queue.consume(partial(callback, self.consumed[i]), no_ack=False)
+            except (AMQPError, OSError, RuntimeError) as exc:
+                raise Unavailable(f"rabbitmq: consume {queue.name}: {exc}", "rabbitmq") from exc
+            self._consumers[i] = (ch, queue, tag)
+            # A channel the broker closes (e.g. its queue deleted) loses the session, as the
+            # daemon's does: a reconnection consumes every queue again.
+            ch.close_callbacks.add(lambda *_: self.closed.set())
+        self._consumer_tag = "all"
+
+    async def stop_consuming(self) -> None:
+        for i, (ch, queue, tag) in enumerate(self._consumers):
+            if tag is None:
+                continue
+            self._consumers[i] = (ch, queue, None)
+            try:
+                await queue.cancel(tag)
+            except (AMQPError, OSError, RuntimeError) as exc:
+                log.debug("cancel consumer: %s", exc)
+        self._consumer_tag = None
 
     async def _publish(self, message: Outgoing) -> None:
         if self.closed.is_set() or self._publish_ch is None:

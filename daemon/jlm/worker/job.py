@@ -5,31 +5,37 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal
 
 import orjson
+from typing_extensions import TypeVar
 
 from jlm.keys import tag_of_job
 from jlm.protocol import JobMessage, iso
 from jlm.provenance import Event, new_id, scope_of
 from jlm.tracing import parse_traceparent
-from jlm.worker.store import Run
+from jlm.worker.store import Facts, Run
+
+# A handler's payload type: the plain JSON object unless its job type names a pydantic model.
+P = TypeVar("P", default=dict[str, Any])
 
 
 @dataclass(frozen=True, slots=True)
-class Job:
-    """The job a handler runs. `attempt` counts from 1. `traceparent` is the W3C trace context
-    its message carried (the enqueuing request's), None when it carried none."""
+class Job(Generic[P]):
+    """The job a handler runs. `attempt` counts from 1; `payload` is the JSON object, or an
+    instance of the job type's pydantic model (`App.job(..., payload=Model)`). `traceparent` is
+    the W3C trace context its message carried (the enqueuing request's), None when it had none."""
 
     id: str
     job_type: str
     cache_prefix: str
-    payload: dict[str, Any]
+    payload: P
     priority: int
     attempt: int
     enqueued_at: str | None = None
@@ -41,8 +47,42 @@ class Job:
         ctx = parse_traceparent(self.traceparent)
         return ctx.trace_id if ctx is not None else None
 
+    # Set by the worker running the job: stores progress for `progress()`.
+    _report: Callable[[float, str], Awaitable[bool]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
-Handler = Callable[[Job], Awaitable[Any]]
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines carry this job's id, type and attempt (`job_extra`)."""
+        return logging.LoggerAdapter(HANDLER_LOG, job_extra(self))
+
+    async def progress(self, fraction: float, message: str = "") -> bool:
+        """Report how far the job is: `fraction` from 0 to 1 and a line for people ("page 3 of
+        8"). The latest is shown by `jlm status`; a `job.progress` event is published at most
+        once a second. False when refused: this run no longer holds a current job (superseded,
+        cancelled, or taken over) or Redis is unreachable; nothing was stored then."""
+        if not 0 <= fraction <= 1:  # NaN fails too
+            raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
+        if self._report is None:
+            return False
+        return await self._report(float(fraction), str(message))
+
+
+Handler = Callable[[Job[Any]], Awaitable[Any]]
+HANDLER_LOG = logging.getLogger("jlm.job")
+
+
+def job_extra(job: Job[Any]) -> dict[str, Any]:
+    """The structured fields of every log line about a job: the SDK's own and `job.log`'s."""
+    return {
+        "job_id": job.id,
+        "job_type": job.job_type,
+        "attempt": job.attempt,
+        "trace_id": job.trace_id,
+    }
+
+
 Interruption = Literal["cancelled", "lost", "stopping"]
 
 
@@ -80,7 +120,7 @@ def parse_job_message(body: bytes) -> ReceivedJob | None:
 class Active:
     """One claimed run in this worker: its handler task and why it must stop, if it must."""
 
-    job: Job
+    job: Job[Any]
     run: Run
     reason: Interruption | None = None
     interrupted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -121,15 +161,54 @@ def worker_event(
     )
 
 
+def claimed_run(
+    worker_id: str, msg: ReceivedJob, facts: Facts, *, traceparent: str | None = None
+) -> tuple[Active, Event]:
+    """The run a claim that answered `claimed` starts, and its job.claimed event. The job's
+    names come from its record in Redis (the claim's reply), not from the message; its trace
+    context from the message's headers."""
+    job: Job[Any] = Job(
+        id=msg.job_id,
+        job_type=str(facts.get("job_type") or msg.job_type),
+        cache_prefix=str(facts.get("cache_prefix") or msg.cache_prefix),
+        payload=msg.payload,
+        priority=int(facts.get("priority") or msg.priority),
+        attempt=int(facts.get("attempt", 1)),
+        enqueued_at=msg.enqueued_at,
+        traceparent=traceparent,
+    )
+    active = Active(job, Run(job.id, worker_id, int(facts.get("claim", 0))))
+    info = {
+        "worker": worker_id,
+        "attempt": job.attempt,
+        "recovered": bool(facts.get("recovered")),
+    }
+    event = worker_event(
+        "job.claimed",
+        "running",
+        job.id,
+        (job.cache_prefix, job.job_type),
+        request_id=facts.get("request_id"),
+        input_=info,
+        output={"lease_until_ms": facts.get("lease_until")},
+    )
+    return active, event
+
+
 class HandlerImportError(Exception):
     """MODULE:FUNCTION does not name an async function."""
 
 
-def load_handler(target: str) -> Handler:
-    """Import `module:function`; the working directory is importable, as `python -m` would do."""
+def load_target(target: str) -> Any:
+    """Import `module:attribute` (`module` alone: its `app`); the working directory is
+    importable, as `python -m` would do."""
     module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise HandlerImportError(f"{target!r}: expected MODULE:FUNCTION, e.g. examples.echo:handle")
+    if not sep:
+        attr = "app"
+    if not module_name or not attr:
+        raise HandlerImportError(
+            f"{target!r}: expected MODULE:APP or MODULE:FUNCTION, e.g. examples.app:app"
+        )
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
@@ -145,8 +224,20 @@ def load_handler(target: str) -> Handler:
             obj = getattr(obj, part)
         except AttributeError as exc:
             raise HandlerImportError(f"{module_name!r} has no attribute {attr!r}") from exc
+    return obj
+
+
+def as_handler(obj: Any, target: str) -> Handler:
+    """`obj` as a handler: an async function (or an object with an async `__call__`)."""
     call = getattr(obj, "__call__", None)  # noqa: B004 - an async __call__ counts too
     if not (inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(call)):
-        raise HandlerImportError(f"{target!r} is not an async function (async def handle(job))")
+        raise HandlerImportError(
+            f"{target!r} is neither an App nor an async function (async def handle(job))"
+        )
     handler: Handler = obj
     return handler
+
+
+def load_handler(target: str) -> Handler:
+    """Import `module:function`, an async function."""
+    return as_handler(load_target(target), target)

@@ -4,6 +4,7 @@ result or release), or a message skipped, or a lost worker's job recorded."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -12,6 +13,7 @@ from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 import orjson
+from pydantic import ValidationError
 
 from jlm import otel
 from jlm.config import Settings, redact_url
@@ -20,7 +22,9 @@ from jlm.metrics import Metrics
 from jlm.provenance import Event
 from jlm.retry import STEP_RETRY_START, Backoff
 from jlm.tracing import current, using
-from jlm.worker.job import Active, Handler, ReceivedJob, now, worker_event
+from jlm.worker.job import Active, ReceivedJob, job_extra, now, worker_event
+from jlm.worker.progress import Progress
+from jlm.worker.registry import Route
 from jlm.worker.store import Facts, Outcome, WorkerStore
 
 log = logging.getLogger(__name__)
@@ -36,7 +40,6 @@ class Deps:
     settings: Settings
     store: WorkerStore
     metrics: Metrics
-    handler: Handler
     emit: Callable[[Event], Awaitable[None]]
     republish: Callable[[ReceivedJob, int], Awaitable[bool]]
     abandon: Callable[[asyncio.Task[Any], str], None]
@@ -69,20 +72,36 @@ class JobRunner:
         msg: ReceivedJob,
         claimed: asyncio.Task[None],
         later: list[Awaitable[None]],
+        *,
+        route: Route,
+        claimed_facts: Facts,
     ) -> None:
         self._later = later  # the outcome's event: published once the message is settled
         self._d = deps
+        self._route = route
         self._active = active
         self._job = active.job
         self._msg = msg
         self._claimed = claimed
         self._started = time.monotonic()
-        jt = deps.settings.file.job_type(self._job.job_type)
-        self._max_attempts = jt.max_attempts if jt is not None else 1
-        self._result_ttl = (
-            jt.result_ttl if jt is not None else deps.settings.file.default_result_ttl
+        self._progress = Progress(
+            deps.store, deps.emit, deps.worker_id, active, claimed, claimed_facts.get("request_id")
         )
-        self._backoff = jt.retry_backoff if jt is not None else 1.0
+        self._job = active.job = dataclasses.replace(active.job, _report=self._progress.report)
+        # The job type's settings: the worker's own when its configuration names the job type,
+        # else as the daemon recorded them on the job, else the defaults.
+        jt = deps.settings.file.job_types.get(self._job.job_type)
+        f = claimed_facts
+        self._max_attempts = int(f.get("max_attempts") or 1)
+        self._result_ttl = (
+            jt.result_ttl
+            if jt is not None
+            else int(f.get("result_ttl") or deps.settings.file.default_result_ttl)
+        )
+        recorded = f.get("retry_backoff")
+        self._backoff = (
+            jt.retry_backoff if jt is not None else float(1 if recorded is None else recorded)
+        )
         self._label = deps.metrics.job_type_label(self._job.job_type)
         self._scope = (self._job.cache_prefix, self._job.job_type)
 
@@ -94,8 +113,11 @@ class JobRunner:
             job.cache_prefix,
             job.job_type,
             job.attempt,
-            extra={"job_id": job.id},
+            extra=job_extra(job),
         )
+        invalid = self._typed_payload()
+        if invalid is not None:  # it would fail every attempt: failed at once
+            return await self._finish("rejected", invalid)
         task = asyncio.create_task(self._call(), name=f"jlm job {job.id}")
         heartbeat = asyncio.create_task(self._heartbeat())
         waiter = asyncio.ensure_future(self._active.interrupted.wait())
@@ -125,7 +147,22 @@ class JobRunner:
             ) as ctx,
             using(ctx),
         ):
-            return await self._d.handler(job)
+            return await self._route.handler(job)
+
+    def _typed_payload(self) -> str | None:
+        """Make the job's payload an instance of its type's model; the error when it is not one."""
+        model = self._route.payload
+        if model is None:
+            return None
+        try:
+            payload = model.model_validate(self._job.payload)
+        except ValidationError as exc:
+            log.warning(
+                "job %s: invalid payload: %s", self._job.id, exc, extra=job_extra(self._job)
+            )
+            return redact_url(f"invalid payload: {exc}")[:2000]
+        self._job = self._active.job = dataclasses.replace(self._job, payload=payload)
+        return None
 
     def _outcome(self, task: asyncio.Task[Any]) -> tuple[Outcome, str]:
         if task.cancelled():
@@ -138,7 +175,7 @@ class JobRunner:
                 self._job.attempt,
                 exc,
                 exc_info=exc,
-                extra={"job_id": self._job.id},
+                extra=job_extra(self._job),
             )
             # The error goes to the job's record, its event and `status`: passwords hidden.
             return "failed", redact_url(f"{type(exc).__name__}: {exc}")[:2000]
@@ -159,7 +196,7 @@ class JobRunner:
             "handler of job %s ignored cancellation for %.1fs: abandoned",
             self._job.id,
             self._d.cancel_grace,
-            extra={"job_id": self._job.id},
+            extra=job_extra(self._job),
         )
         self._d.metrics.handlers_abandoned.labels(job_type=self._label).inc()
         self._d.abandon(task, self._job.id)
@@ -220,7 +257,7 @@ class JobRunner:
                 job.id,
                 facts.state,
                 "result" if outcome == "succeeded" else "error",
-                extra={"job_id": job.id},
+                extra=job_extra(job),
             )
         return "ack"
 
@@ -230,9 +267,7 @@ class JobRunner:
         if abandoned:
             note += f" (handler abandoned after {d.cancel_grace:g}s)"
         if reason == "lost":
-            log.warning(
-                "job %s: this run lost its claim; stopped", job.id, extra={"job_id": job.id}
-            )
+            log.warning("job %s: this run lost its claim; stopped", job.id, extra=job_extra(job))
             return "ack"
         if reason == "cancelled":
             facts = await self._redis(
@@ -279,7 +314,7 @@ class JobRunner:
     def _count(self, state: str, duration: float) -> None:
         """Count this run's outcome, and log it: with the start, one info line each per job."""
         job_id = self._job.id
-        log.info("job %s %s after %.3fs", job_id, state, duration, extra={"job_id": job_id})
+        log.info("job %s %s after %.3fs", job_id, state, duration, extra=job_extra(self._job))
         if state in ("succeeded", "failed", "cancelled"):
             self._d.metrics.jobs_finished.labels(job_type=self._label, state=state).inc()
         self._d.metrics.job_duration.labels(job_type=self._label, state=state).observe(duration)
@@ -304,6 +339,7 @@ class JobRunner:
 
     async def _after_claimed(self, event: Event) -> None:
         await self._claimed
+        await self._progress.published()
         await self._d.emit(event)
 
     async def _redis(self, call: Callable[[], Awaitable[T]]) -> T | None:

@@ -1,4 +1,5 @@
-"""The worker's Redis side: typed calls of claim.lua, heartbeat.lua, finish.lua and release.lua."""
+"""The worker's Redis side: typed calls of claim.lua, heartbeat.lua, progress.lua, finish.lua and
+release.lua."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from jlm.config import Settings
 from jlm.keys import Keys, scope_tag, tag_of_job
 from jlm.store import HISTORY_BOUND, RedisClient, Store, connect
 
-SCRIPTS = ("claim", "heartbeat", "finish", "release")
-Outcome = Literal["succeeded", "failed", "stopped"]
+SCRIPTS = ("claim", "heartbeat", "progress", "finish", "release")
+# At most one job.progress event per job per this many ms (progress itself is stored every time).
+PROGRESS_EVENT_MS = 1000
+Outcome = Literal["succeeded", "failed", "stopped", "rejected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +67,10 @@ class WorkerStore:
         now: str,
         *,
         lease_ms: int,
-        max_attempts: int,
+        max_attempts: int | str,
     ) -> Facts:
-        """Decided from the job's record alone, never from the job message."""
+        """Decided from the job's record alone, never from the job message. `max_attempts`:
+        the worker's own setting, or '' for the one recorded on the job."""
         k = self.keys
         return await self._facts(
             "claim",
@@ -79,6 +83,14 @@ class WorkerStore:
             "heartbeat", [self.keys.job(run.job_id)], [run.owner, run.claim, lease_ms]
         )
         return state.decode() if isinstance(state, bytes) else str(state)
+
+    async def progress(self, run: Run, progress: dict[str, Any]) -> Facts:
+        """Store the run's latest progress; refused unless the run still holds a current job."""
+        return await self._facts(
+            "progress",
+            [self.keys.job(run.job_id)],
+            [run.owner, run.claim, orjson.dumps(progress).decode(), PROGRESS_EVENT_MS],
+        )
 
     async def finish(
         self,
