@@ -56,6 +56,20 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 M = TypeVar("M", bound=BaseModel)
 
 
+async def request_consumers(conn: AbstractConnection) -> int | None:
+    """How many consumers `jlm.requests` has (0: no daemon is running); None when it does not
+    exist (no daemon ever ran on this virtual host). A passive declare on a channel of its own."""
+    channel = await conn.channel()
+    try:
+        queue = await channel.declare_queue(REQUESTS, passive=True)
+        return queue.declaration_result.consumer_count or 0
+    except ChannelNotFoundEntity:
+        return None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
 class Client:
     """Publishes requests to `jlm.requests` and waits for the daemon's replies."""
 
@@ -88,15 +102,7 @@ class Client:
         """How many consumers `jlm.requests` has (a passive declare); None when it does not
         exist, i.e. no daemon ever ran on this virtual host."""
         assert self._conn is not None
-        channel = await self._conn.channel()
-        try:
-            queue = await channel.declare_queue(REQUESTS, passive=True)
-            return queue.declaration_result.consumer_count or 0
-        except ChannelNotFoundEntity:
-            return None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        return await request_consumers(self._conn)
 
     async def send(
         self,
@@ -316,15 +322,7 @@ class JobsClient:
         not exist (no daemon ever ran on this virtual host)."""
         await self._ready()
         assert self._conn is not None
-        channel = await self._conn.channel()
-        try:
-            queue = await channel.declare_queue(REQUESTS, passive=True)
-            return queue.declaration_result.consumer_count or 0
-        except ChannelNotFoundEntity:
-            return None
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        return await request_consumers(self._conn)
 
     @staticmethod
     def _trace_headers() -> dict[str, Any]:
