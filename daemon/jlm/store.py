@@ -86,7 +86,9 @@ def _lua_file(name: str) -> str:
 
 def load_lua(name: str) -> str:
     """A script's text as loaded: the preludes, then the script."""
-    preludes = ("prelude", "record") if name in RECORDING else ("prelude",)
+    preludes: tuple[str, ...] = ("prelude", "record") if name in RECORDING else ("prelude",)
+    if name == "manage":
+        preludes += ("schedule",)
     return "".join(_lua_file(part) for part in (*preludes, name))
 
 
@@ -242,6 +244,7 @@ class Store:
         digest: str,
         bind_here: bool,
         session: str,
+        schedule: str = "",
     ) -> Decision[ManageFacts]:
         """manage.lua: one decision for one dedup scope."""
         d = await self.decide(
@@ -267,6 +270,7 @@ class Store:
                 digest,
                 int(bind_here),
                 session,
+                schedule,
             ],
         )
         return _typed(d, ManageFacts.decode(d.facts))

@@ -1,0 +1,138 @@
+"""The scheduler inside each daemon: scheduled jobs are published once due, each by one daemon.
+
+Every daemon sweeps every due set (`keys.due`) a few times a second. `take_due.lua` moves the due
+entries of one set to its taken set under a lease, atomically, so two daemons never take the same
+entry while its lease runs. For each entry taken, `promote.lua` makes the job pending in its own
+slot (if it is still scheduled and due), the job message and its `job.enqueued` event are
+published with confirms, and `settle_due.lua` drops the entry. A daemon killed anywhere in between
+leaves the entry taken: once its lease expires another daemon takes it, and publishes it again if
+it might not have left (a worker claims a job once, so a second message is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+
+import anyio
+
+from jlm.broker import Broker
+from jlm.config import Settings
+from jlm.due import DueSets, Promotion, ms_iso
+from jlm.errors import Unavailable
+from jlm.keys import DUE_SLOTS
+from jlm.metrics import Metrics
+from jlm.provenance import Event, scope_of
+from jlm.retry import RECONNECT_START, Backoff, RareLog
+
+log = logging.getLogger(__name__)
+TICK = 0.2  # seconds between sweeps while nothing is due: at most this late, plus a publish
+LEASE_MS = 10_000  # a taken entry not settled within this is taken again by another daemon
+BATCH = 200  # entries taken per call; a full batch makes the next sweep start at once
+CONCURRENCY = 64  # jobs of one batch published at once
+_EVENT_IDS = uuid.UUID("6a1f1c1e-6f0e-4a43-9f43-2c3b5d0e8f11")
+
+
+def enqueued_event(p: Promotion) -> Event:
+    """The `job.enqueued` event of a scheduled job, published with its job message; its id is
+    derived from the job's, so a publish repeated after a crash repeats the same event."""
+    job = p.job
+    assert job is not None
+    return Event(
+        str(uuid.uuid5(_EVENT_IDS, job.job_id)),
+        "job.enqueued",
+        "pending",
+        job.enqueued_at or ms_iso(p.server_ms),
+        None,
+        None,
+        job.job_id,
+        scope_of(job.cache_prefix, job.job_type),
+        {"scheduled": True, "due_at": ms_iso(p.due_ms)},
+        {"new_job_id": job.job_id, "state": "pending", "priority": job.priority},
+    )
+
+
+class Scheduler:
+    """Sweeps the due sets while the daemon has a broker session."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        due: DueSets,
+        broker_of: Callable[[], Broker | None],
+        rare: RareLog,
+    ) -> None:
+        self._file = settings.file
+        self._retry_max = settings.retry_max_delay
+        self._m = metrics
+        self._due = due
+        self._broker_of = broker_of
+        self._rare = rare
+        self._slots = asyncio.Semaphore(CONCURRENCY)
+
+    async def run(self) -> None:
+        """Sweep until cancelled; a passing fault waits with a backoff."""
+        backoff = Backoff(RECONNECT_START, self._retry_max)
+        while True:
+            broker = self._broker_of()
+            if broker is None or broker.closed.is_set():
+                await anyio.sleep(TICK)
+                continue
+            try:
+                more = await self.sweep(broker)
+            except Unavailable as exc:
+                self._rare.warn_rarely("scheduler", "scheduler waiting: %s", exc.message)
+                await anyio.sleep(backoff.next())
+                continue
+            backoff.reset()
+            if not more:
+                await anyio.sleep(TICK)
+
+    async def sweep(self, broker: Broker) -> bool:
+        """One pass over every due set, from a random one; True if a set had a full batch due."""
+        more = False
+        first = random.randrange(DUE_SLOTS)
+        for i in range(DUE_SLOTS):
+            slot = (first + i) % DUE_SLOTS
+            ids = await self._due.take(slot, BATCH, LEASE_MS)
+            if ids:
+                await self._publish(broker, slot, ids)
+                more = more or len(ids) == BATCH
+        return more
+
+    async def _publish(self, broker: Broker, slot: int, ids: list[str]) -> None:
+        """Publish a batch; the entries that failed stay taken until their lease expires."""
+        results = await asyncio.gather(
+            *(self._one(broker, job_id) for job_id in ids), return_exceptions=True
+        )
+        settled: list[tuple[str, int | None]] = []
+        for job_id, r in zip(ids, results, strict=True):
+            if isinstance(r, Unavailable):
+                self._rare.warn_rarely("scheduler-job", "scheduled job waits: %s", r.message)
+            elif isinstance(r, BaseException):
+                log.error("scheduled job %s not published: %r", job_id, r, exc_info=r)
+            else:
+                settled.append((job_id, r))
+        await self._due.settle(slot, settled)
+
+    async def _one(self, broker: Broker, job_id: str) -> int | None:
+        """One taken entry: None once done with, or the due time it goes back with."""
+        async with self._slots:
+            started = time.monotonic()
+            p = await self._due.promote(job_id, LEASE_MS)
+            if p.verdict == "later":
+                return p.due_ms
+            if p.verdict != "publish" or p.job is None:
+                return None
+            queue = self._file.queue_for(p.job.job_type)
+            await broker.publish_decision(p.job, queue, [enqueued_event(p)], set())
+            late = max(0, p.server_ms - p.due_ms) / 1000 + time.monotonic() - started
+            self._m.scheduler_lateness.observe(late)
+            jt = self._m.job_type_label(p.job.job_type)
+            self._m.child(self._m.jobs_enqueued, jt, str(p.job.priority)).inc()
+            return None
