@@ -11,8 +11,6 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from jlm.config import Settings
-
 
 @dataclass(slots=True)
 class Arrival:
@@ -24,13 +22,13 @@ class Arrival:
 class JobWatcher:
     """Every message of a job queue from now on, with its arrival time (acked as it comes)."""
 
-    settings: Settings
+    amqp_url: str
     queue: str
     arrivals: list[Arrival] = field(default_factory=list)
     _conn: AbstractConnection | None = None
 
     async def __aenter__(self) -> Self:
-        self._conn = await aio_pika.connect(self.settings.amqp_urls[0])
+        self._conn = await aio_pika.connect(self.amqp_url)
         ch = await self._conn.channel()
         await ch.set_qos(prefetch_count=1000)
         q = await ch.declare_queue(self.queue, durable=True, arguments={"x-max-priority": 10})

@@ -25,7 +25,7 @@ def manage(i: int, **extra: object) -> dict[str, object]:
 async def test_a_burst_becomes_one_job_published_after_the_quiet_time(
     daemon: RunningDaemon, client: Client, settings: Settings
 ) -> None:
-    async with JobWatcher(settings, QUEUE) as jobs:
+    async with JobWatcher(settings.amqp_urls[0], QUEUE) as jobs:
         waiting = []
         started = time.time()
         for i in range(10):  # sent without waiting for the replies: one request every 25 ms
@@ -53,7 +53,7 @@ async def test_a_burst_becomes_one_job_published_after_the_quiet_time(
 async def test_max_wait_caps_a_burst_that_never_ends(
     daemon: RunningDaemon, client: Client, settings: Settings
 ) -> None:
-    async with JobWatcher(settings, QUEUE) as jobs:
+    async with JobWatcher(settings.amqp_urls[0], QUEUE) as jobs:
         first = time.time()
         i = 0
         while time.time() - first < 2.5:  # a request every 100 ms: never 400 ms quiet
@@ -74,7 +74,7 @@ async def test_max_wait_caps_a_burst_that_never_ends(
 async def test_cancel_of_a_scheduled_job_means_it_is_never_published(
     daemon: RunningDaemon, client: Client, settings: Settings
 ) -> None:
-    async with JobWatcher(settings, QUEUE) as jobs:
+    async with JobWatcher(settings.amqp_urls[0], QUEUE) as jobs:
         reply = await client.call("manage", manage(1, policy="debounce", debounce_ms=300))
         job_id = reply["new_job_id"]
         cancelled = await client.call("cancel", {"job_id": job_id})
@@ -90,7 +90,7 @@ async def test_not_before_holds_the_job_and_status_shows_when_it_is_due(
     daemon: RunningDaemon, client: Client, settings: Settings
 ) -> None:
     due = datetime.now(UTC) + timedelta(seconds=1.5)
-    async with JobWatcher(settings, QUEUE) as jobs:
+    async with JobWatcher(settings.amqp_urls[0], QUEUE) as jobs:
         reply = await client.call("manage", manage(1, not_before=due.isoformat()))
         assert reply["state"] == "scheduled"
         status = await client.call("status", {"job_id": reply["new_job_id"]})
@@ -105,7 +105,7 @@ async def test_not_before_holds_the_job_and_status_shows_when_it_is_due(
 async def test_replace_supersedes_a_scheduled_job_and_skip_answers_with_it(
     daemon: RunningDaemon, client: Client, settings: Settings
 ) -> None:
-    async with JobWatcher(settings, QUEUE) as jobs:
+    async with JobWatcher(settings.amqp_urls[0], QUEUE) as jobs:
         held = await client.call("manage", manage(1, policy="debounce", debounce_ms=5000))
         skipped = await client.call("manage", manage(2, policy="skip"))
         assert skipped["deduplicated"] is True
