@@ -8,6 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from tests.amqp_helpers import read_stream
 from tests.conftest import RunningDaemon
 from tests.scheduled_helpers import JobWatcher
 
@@ -127,3 +128,26 @@ async def test_debounce_needs_a_window(daemon: RunningDaemon, client: Client) ->
     assert reply["success"] is False
     assert reply["error"]["code"] == "invalid_request"
     assert "debounce_ms" in reply["error"]["message"]
+
+
+async def test_events_say_scheduled_then_enqueued(
+    daemon: RunningDaemon, client: Client, settings: Settings
+) -> None:
+    async with JobWatcher(settings.amqp_urls[0], QUEUE) as jobs:
+        replies = [
+            await client.call("manage", manage(i, policy="debounce", debounce_ms=300))
+            for i in range(3)
+        ]
+        deadline = time.time() + 10
+        while not jobs.arrivals and time.time() < deadline:
+            await asyncio.sleep(0.1)
+    job_id = replies[0]["new_job_id"]
+    events = [e for e in await read_stream(settings) if e["job_id"] == job_id]
+    assert [(e["type"], e["status"]) for e in events] == [
+        ("job.scheduled", "scheduled"),
+        ("job.scheduled", "scheduled"),
+        ("job.scheduled", "scheduled"),
+        ("job.enqueued", "pending"),
+    ]
+    assert [e["provenance_id"] for e in events[:3]] == [r["provenance_id"] for r in replies]
+    assert events[3]["metadata"]["input"]["due_at"] == replies[-1]["due_at"]

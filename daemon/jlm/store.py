@@ -76,7 +76,7 @@ _PASSING_REPLY_CLASSES = (
 
 
 # Every script starts with `prelude.lua` (history notes, server time); the scripts that record a
-# decision with `record.lua` (lookup, replay, save) after it.
+# decision with `record.lua` (lookup, replay, save) and `schedule.lua` (manage's held jobs) next.
 RECORDING = ("manage", "cancel", "invalidate")
 
 
@@ -86,9 +86,7 @@ def _lua_file(name: str) -> str:
 
 def load_lua(name: str) -> str:
     """A script's text as loaded: the preludes, then the script."""
-    preludes: tuple[str, ...] = ("prelude", "record") if name in RECORDING else ("prelude",)
-    if name == "manage":
-        preludes += ("schedule",)
+    preludes = ("prelude", "record", "schedule") if name in RECORDING else ("prelude",)
     return "".join(_lua_file(part) for part in (*preludes, name))
 
 

@@ -1,6 +1,7 @@
--- schedule.lua: how manage.lua holds a job back (after prelude.lua, record.lua): policy
--- `debounce` and `not_before`. A held job is `scheduled`; the daemon adds it to a due set
--- (KEYS of another hash tag, so not here) and its scheduler publishes it once due.
+-- schedule.lua: how manage.lua holds a job back, for policy `debounce` and `not_before` (after
+-- prelude.lua, record.lua; loaded with every recording script, called by manage.lua only). A held
+-- job is `scheduled`; the daemon adds it to a due set (a key of another hash tag, so not here) and
+-- its scheduler publishes it once due.
 --
 -- The schedule argument (manage.lua ARGV[20]) is '' or a JSON object:
 --   db  debounce window, ms (policy debounce)   mw  max wait from the first request, ms
