@@ -117,7 +117,10 @@ if (policy == 'skip' or policy == 'reuse') and live then
 end
 
 -- Debounce (schedule.lua): the scope's scheduled job takes this request and waits again.
-local _, now_ms = server_time()
+local now_ms = 0  -- the server's time, read only for a job that may be held back
+if sched then
+  now_ms = select(2, server_time())
+end
 if policy == 'debounce' and cur_state == 'scheduled' then
   f.d, f.job, f.state, f.ext = 'scheduled', cur_id, 'scheduled', true
   f.due = debounce(prefix .. cur_id, sched, now_ms, now, priority, job_ttl, bound)
