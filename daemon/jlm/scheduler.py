@@ -76,7 +76,7 @@ class Scheduler:
         self._slots = asyncio.Semaphore(CONCURRENCY)
 
     async def run(self) -> None:
-        """Sweep until cancelled; a passing fault waits with a backoff."""
+        """Sweep until cancelled; a fault waits with a backoff (taken entries keep their lease)."""
         backoff = Backoff(RECONNECT_START, self._retry_max)
         while True:
             broker = self._broker_of()
@@ -87,6 +87,10 @@ class Scheduler:
                 more = await self.sweep(broker)
             except Unavailable as exc:
                 self._rare.warn_rarely("scheduler", "scheduler waiting: %s", exc.message)
+                await anyio.sleep(backoff.next())
+                continue
+            except Exception:  # a defect (or a refused command) pauses the sweeps, never the daemon
+                log.exception("scheduler sweep failed; trying again")
                 await anyio.sleep(backoff.next())
                 continue
             backoff.reset()
