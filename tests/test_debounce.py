@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from tests.amqp_helpers import read_stream
-from tests.conftest import RunningDaemon
+from tests.conftest import RunningDaemon, start_daemon
 from tests.scheduled_helpers import JobWatcher
 
 from jlm.client import Client
@@ -151,3 +153,29 @@ async def test_events_say_scheduled_then_enqueued(
     ]
     assert [e["provenance_id"] for e in events[:3]] == [r["provenance_id"] for r in replies]
     assert events[3]["metadata"]["input"]["due_at"] == replies[-1]["due_at"]
+
+
+async def test_the_job_type_sets_debounce_by_default(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    config = tmp_path / "jlm.toml"
+    config.write_text(
+        '[job_types."doc.render"]\npolicy = "debounce"\ndebounce_ms = 400\nmax_wait_ms = 9000\n'
+    )
+    settings = make_settings(JLM_CONFIG=str(config))
+    daemon = await start_daemon(settings)
+    try:
+        async with Client(settings) as client, JobWatcher(settings.amqp_urls[0], QUEUE) as jobs:
+            first = await client.call("manage", manage(1))
+            second = await client.call("manage", manage(2))
+            sent = time.time()
+            assert first["state"] == second["state"] == "scheduled"
+            assert first["new_job_id"] == second["new_job_id"]
+            wait = datetime.fromisoformat(second["due_at"]).timestamp() - sent
+            assert 0.2 < wait <= 0.4, wait
+            replaced = await client.call("manage", manage(3, policy="replace"))
+            assert replaced["state"] == "pending"
+            await asyncio.sleep(1.5)
+        assert jobs.ids() == [replaced["new_job_id"]]
+    finally:
+        await daemon.stop()

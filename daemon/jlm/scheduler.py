@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -66,6 +65,7 @@ class Scheduler:
         due: DueSets,
         broker_of: Callable[[], Broker | None],
         rare: RareLog,
+        stopping: asyncio.Event,
     ) -> None:
         self._file = settings.file
         self._retry_max = settings.retry_max_delay
@@ -74,11 +74,13 @@ class Scheduler:
         self._broker_of = broker_of
         self._rare = rare
         self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._stopping = stopping
 
     async def run(self) -> None:
-        """Sweep until cancelled; a fault waits with a backoff (taken entries keep their lease)."""
+        """Sweep until the daemon stops (a sweep under way ends first); a fault waits with a
+        backoff (entries it had taken keep their lease)."""
         backoff = Backoff(RECONNECT_START, self._retry_max)
-        while True:
+        while not self._stopping.is_set():
             broker = self._broker_of()
             if broker is None or broker.closed.is_set():
                 await anyio.sleep(TICK)
@@ -98,16 +100,20 @@ class Scheduler:
                 await anyio.sleep(TICK)
 
     async def sweep(self, broker: Broker) -> bool:
-        """One pass over every due set, from a random one; True if a set had a full batch due."""
-        more = False
-        first = random.randrange(DUE_SLOTS)
-        for i in range(DUE_SLOTS):
-            slot = (first + i) % DUE_SLOTS
-            ids = await self._due.take(slot, BATCH, LEASE_MS)
-            if ids:
-                await self._publish(broker, slot, ids)
-                more = more or len(ids) == BATCH
-        return more
+        """One pass over every due set, the sets at once; True if a set had a full batch due."""
+        results = await asyncio.gather(
+            *(self._sweep_set(broker, slot) for slot in range(DUE_SLOTS)), return_exceptions=True
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return any(results)
+
+    async def _sweep_set(self, broker: Broker, slot: int) -> bool:
+        ids = await self._due.take(slot, BATCH, LEASE_MS)
+        if ids:
+            await self._publish(broker, slot, ids)
+        return len(ids) == BATCH
 
     async def _publish(self, broker: Broker, slot: int, ids: list[str]) -> None:
         """Publish a batch; the entries that failed stay taken until their lease expires."""

@@ -98,6 +98,7 @@ class Service:
             DueSets(self.store, settings.file.job_ttl),
             lambda: self.broker,
             self._rare,
+            self.stopping,
         )
         for dep in ("redis", "rabbitmq"):
             self.metrics.dependency_up.labels(dependency=dep).set(0)
