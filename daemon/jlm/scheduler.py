@@ -64,6 +64,7 @@ class Scheduler:
         metrics: Metrics,
         due: DueSets,
         broker_of: Callable[[], Broker | None],
+        *,
         rare: RareLog,
         stopping: asyncio.Event,
     ) -> None:

@@ -97,8 +97,8 @@ class Service:
             self.metrics,
             DueSets(self.store, settings.file.job_ttl),
             lambda: self.broker,
-            self._rare,
-            self.stopping,
+            rare=self._rare,
+            stopping=self.stopping,
         )
         for dep in ("redis", "rabbitmq"):
             self.metrics.dependency_up.labels(dependency=dep).set(0)
