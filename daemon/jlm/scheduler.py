@@ -31,8 +31,10 @@ from jlm.retry import RECONNECT_START, Backoff, RareLog
 log = logging.getLogger(__name__)
 TICK = 0.2  # seconds between sweeps while nothing is due: at most this late, plus a publish
 LEASE_MS = 10_000  # a taken entry not settled within this is taken again by another daemon
-BATCH = 200  # entries taken per call; a full batch makes the next sweep start at once
-CONCURRENCY = 64  # jobs of one batch published at once
+# Entries taken per due set and sweep (16 sets: 800 a sweep at most), few enough to be published
+# well within a lease; a full batch makes the next sweep start at once.
+BATCH = 50
+CONCURRENCY = 64  # promote calls at once
 _EVENT_IDS = uuid.UUID("6a1f1c1e-6f0e-4a43-9f43-2c3b5d0e8f11")
 
 
@@ -117,33 +119,45 @@ class Scheduler:
         return len(ids) == BATCH
 
     async def _publish(self, broker: Broker, slot: int, ids: list[str]) -> None:
-        """Publish a batch; the entries that failed stay taken until their lease expires."""
-        results = await asyncio.gather(
-            *(self._one(broker, job_id) for job_id in ids), return_exceptions=True
-        )
+        """Promote a batch, publish what is due at once, settle; what failed stays taken until
+        its lease expires."""
+        promoted = await asyncio.gather(*(self._promote(i) for i in ids), return_exceptions=True)
         settled: list[tuple[str, int | None]] = []
-        for job_id, r in zip(ids, results, strict=True):
-            if isinstance(r, Unavailable):
-                self._rare.warn_rarely("scheduler-job", "scheduled job waits: %s", r.message)
-            elif isinstance(r, BaseException):
-                log.error("scheduled job %s not published: %r", job_id, r, exc_info=r)
+        ready: dict[str, tuple[Promotion, Event]] = {}
+        for job_id, p in zip(ids, promoted, strict=True):
+            if isinstance(p, Unavailable):
+                self._rare.warn_rarely("scheduler-job", "scheduled job waits: %s", p.message)
+            elif isinstance(p, BaseException):
+                log.error("scheduled job %s not published: %r", job_id, p, exc_info=p)
+            elif p.verdict == "publish" and p.job is not None:
+                ready[job_id] = (p, enqueued_event(p))
             else:
-                settled.append((job_id, r))
+                settled.append((job_id, p.due_ms if p.verdict == "later" else None))
+        if ready:
+            settled += await self._send(broker, ready)
         await self._due.settle(slot, settled)
 
-    async def _one(self, broker: Broker, job_id: str) -> int | None:
-        """One taken entry: None once done with, or the due time it goes back with."""
+    async def _promote(self, job_id: str) -> Promotion:
         async with self._slots:
-            started = time.monotonic()
-            p = await self._due.promote(job_id, LEASE_MS)
-            if p.verdict == "later":
-                return p.due_ms
-            if p.verdict != "publish" or p.job is None:
-                return None
-            queue = self._file.queue_for(p.job.job_type)
-            await broker.publish_decision(p.job, queue, [enqueued_event(p)], set())
-            late = max(0, p.server_ms - p.due_ms) / 1000 + time.monotonic() - started
-            self._m.scheduler_lateness.observe(late)
-            jt = self._m.job_type_label(p.job.job_type)
-            self._m.child(self._m.jobs_enqueued, jt, str(p.job.priority)).inc()
-            return None
+            return await self._due.promote(job_id, LEASE_MS)
+
+    async def _send(
+        self, broker: Broker, ready: dict[str, tuple[Promotion, Event]]
+    ) -> list[tuple[str, int | None]]:
+        """Publish the job messages and events of a batch; the entries done with."""
+        started = time.monotonic()
+        jobs = [(p.job, self._file.queue_for(p.job.job_type)) for p, _ in ready.values() if p.job]
+        done: set[str] = set()
+        try:
+            await broker.publish_jobs(jobs, [e for _, e in ready.values()], done)
+        except Unavailable as exc:
+            self._rare.warn_rarely("scheduler-job", "scheduled jobs wait: %s", exc.message)
+        took = time.monotonic() - started
+        settled: list[tuple[str, int | None]] = []
+        for job_id, (p, event) in ready.items():
+            if job_id in done and event.provenance_id in done and p.job is not None:
+                settled.append((job_id, None))
+                self._m.scheduler_lateness.observe(max(0, p.server_ms - p.due_ms) / 1000 + took)
+                jt = self._m.job_type_label(p.job.job_type)
+                self._m.child(self._m.jobs_enqueued, jt, str(p.job.priority)).inc()
+        return settled
