@@ -30,9 +30,10 @@
 --
 -- Returns {status, facts, result, job state, republish}:
 --   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated | scheduled), job,
---     state, due (a scheduled job's due time: ms since the epoch, a string), ext (a debounce restarted its window), prev,
---     prev_state, why (skip | reuse | stale), stale (pending job cancelled), sup (previous job
---     superseded), rc (running job cancelled), inv (cache invalidated), at, pri (priority), pid.
+--     state, due (a scheduled job's due time: ms since the epoch, a string), ext (a debounce
+--     restarted the window of the scope's scheduled job), prev, prev_state, why (skip | reuse |
+--     stale), stale (pending or scheduled job cancelled), sup (previous job superseded), rc
+--     (running job cancelled), inv (cache invalidated), at, pri (priority), pid.
 --     result is the cached JSON on a reuse hit (never recorded: the record names its job only).
 --   status 1: a replay of the recorded facts; nothing changed. result is the cached JSON of a
 --     reuse hit while the result of the recorded job is still cached; job state is the decided

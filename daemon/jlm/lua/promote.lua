@@ -30,8 +30,8 @@ if state == 'scheduled' then
   if due > now_ms then
     return {'later', due, now_ms}
   end
-  redis.call('HSET', KEYS[1], 'state', 'pending', 'updated_at', now, 'promoted', string.format('%d', now_ms),
-    'promoted_at', now)
+  redis.call('HSET', KEYS[1], 'state', 'pending', 'updated_at', now,
+    'promoted', string.format('%d', now_ms), 'promoted_at', now)
   redis.call('EXPIRE', KEYS[1], ttl)
   note(KEYS[2], 'pending', now, 'due: published by the scheduler', bound, ttl)
   return publish(now)
