@@ -1,5 +1,7 @@
-"""Scheduled jobs across daemon deaths: three daemons, one SIGKILLed while jobs are due; every
-daemon stopped while a job waits for its `not_before`.
+"""Scheduled jobs across daemon deaths: three daemons, one SIGKILLed while jobs are due; a daemon
+killed right after its scheduler made a due job pending (the fault launcher), holding a sweep's
+entries; a dead taker's lease, played with the scripts; every daemon stopped while a job waits for
+its `not_before`.
 
 Invariants: every scheduled job is published (none lost), never before its due time, and once;
 a second message of one job is allowed only for the jobs the killed daemon had taken (its lease
@@ -193,3 +195,54 @@ async def test_a_daemon_dead_after_its_take_loses_nothing(
     for job_id in ids:
         status = await client.call("status", {"job_id": job_id})
         assert status["state"] == "pending"
+
+
+async def test_a_scheduler_killed_between_promote_and_publish_loses_nothing(
+    spawn: DaemonFactory, amqp_url: str, client: Client, namespace: str
+) -> None:
+    """The only daemon dies right after the scheduler made its 20th due job pending, holding a
+    sweep's entries (promoted or not, published or not); two daemons started after it publish
+    every job, none before its time, at most twice."""
+    crasher = spawn(
+        "crasher", amqp_url, module="tests.faults.launcher", JLM_TEST_FAULT="crash_after_promote:20"
+    ).start()
+    await crasher.wait_ready(60)
+    start = datetime.now(UTC) + timedelta(seconds=3)
+    due: dict[str, float] = {}
+    async with JobWatcher(amqp_url, f"jlm.jobs.{JOB_TYPE}") as jobs:
+        for i in range(300):
+            at = start + timedelta(milliseconds=i)
+            reply = await client.call(
+                "manage",
+                {
+                    "job_type": JOB_TYPE,
+                    "cache_prefix": f"k{i}",
+                    "payload": {"i": i},
+                    "not_before": at.isoformat(),
+                },
+            )
+            assert reply["state"] == "scheduled"
+            due[reply["new_job_id"]] = at.timestamp()
+        assert await crasher.wait_exit(30) == 137, crasher.tail()
+        held = await held_by_the_dead(namespace)
+        by_crasher = len(jobs.arrivals)
+        survivors = [spawn(f"d{i}", amqp_url).start() for i in range(2)]
+        for d in survivors:
+            await d.wait_ready(60)
+        deadline = time.time() + 40
+        while not set(due) <= set(jobs.ids()) and time.time() < deadline:
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2)
+    counts = Counter(jobs.ids())
+    early = [a for a in jobs.arrivals if a.at < due[a.body["job_id"]]]
+    twice = [j for j, n in counts.items() if n > 1]
+    print(
+        f"\nthe crasher held {held} taken entries and had published {by_crasher} job messages; "
+        f"after it: {len(jobs.arrivals)} in all, {len(set(due) - set(counts))} lost, "
+        f"{len(early)} early, {len(twice)} published twice"
+    )
+    assert held > 0, "the crash left entries taken (the case under test)"
+    assert set(counts) == set(due)
+    assert not early
+    assert max(counts.values()) <= 2
+    assert len(twice) <= by_crasher, "a second message only for a job the crasher published"
