@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.amqp_helpers import read_stream
@@ -16,6 +17,7 @@ from tests.scheduled_helpers import JobWatcher
 
 from jlm.client import Client
 from jlm.config import Settings
+from jlm.keys import Keys
 
 pytestmark = pytest.mark.timeout(60)
 QUEUE = "jlm.jobs.doc.render"
@@ -179,3 +181,24 @@ async def test_the_job_type_sets_debounce_by_default(
         assert jobs.ids() == [replaced["new_job_id"]]
     finally:
         await daemon.stop()
+
+
+async def test_a_replayed_debounce_request_changes_nothing(
+    daemon: RunningDaemon, client: Client, redis_client: Any, settings: Settings
+) -> None:
+    first = await client.call(
+        "manage", manage(1, policy="debounce", debounce_ms=5000), message_id="edit-1"
+    )
+    job = Keys(settings.redis_namespace).job(first["new_job_id"])
+    due = await redis_client.hget(job, "due")
+    await asyncio.sleep(0.05)
+    again = await client.call(
+        "manage", manage(1, policy="debounce", debounce_ms=5000), message_id="edit-1"
+    )
+    assert again == first
+    assert await redis_client.hget(job, "due") == due, "a replay does not restart the window"
+    other = await client.call(
+        "manage", manage(2, policy="debounce", debounce_ms=5000), message_id="edit-2"
+    )
+    assert other["new_job_id"] == first["new_job_id"]
+    assert int(await redis_client.hget(job, "due")) > int(due)
