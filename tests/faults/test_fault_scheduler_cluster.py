@@ -15,11 +15,13 @@ from tests.support.services import RunningDaemon
 # The scheduling tests, collected again in this module under its cluster fixtures.
 from tests.test_debounce import (  # noqa: F401
     test_a_burst_becomes_one_job_published_after_the_quiet_time,
+    test_a_replayed_debounce_request_changes_nothing,
     test_cancel_of_a_scheduled_job_means_it_is_never_published,
     test_events_say_scheduled_then_enqueued,
     test_max_wait_caps_a_burst_that_never_ends,
     test_not_before_holds_the_job_and_status_shows_when_it_is_due,
     test_replace_supersedes_a_scheduled_job_and_skip_answers_with_it,
+    test_the_job_type_sets_debounce_by_default,
 )
 
 from jlm.client import Client
