@@ -68,5 +68,10 @@ bench-quick: install services
 	$(BIN)/python -m bench.run --quick --no-append $(if $(filter celery,$(BENCH_EXTRAS)),--celery)
 	$(if $(filter retention,$(BENCH_EXTRAS)),$(BIN)/python -m bench.retention --quick)
 
+# Scheduled jobs: lateness at 1,000 due jobs a second for 60 s, debounce beside replace.
+.PHONY: bench-scheduled
+bench-scheduled: install services
+	$(BIN)/python -m bench.scheduled $(BENCH_SCHEDULED_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info daemon/*.egg-info

@@ -246,6 +246,50 @@ class Broker(AmqpSession):
         await self.publish_confirmed(messages, done)
         self._metrics.publish_confirm_duration.observe(time.perf_counter() - started)
 
+    async def publish_jobs(
+        self, jobs: list[tuple[JobMessage, str]], events: list[Event], done: set[str]
+    ) -> None:
+        """Publish scheduled jobs (message, queue) at once, then the events of those confirmed.
+
+        `done` gets the id of each message the broker confirmed; the first failure is raised once
+        every confirm is in. An event goes out only once its job (same `job_id`) is confirmed."""
+        for queue, job_type in {(q, j.job_type) for j, q in jobs}:
+            try:
+                await self.ensure_job_queue(queue, job_type)
+            except QueueRefused as exc:
+                raise Unavailable(exc.message, "rabbitmq") from exc
+        out = []
+        for job, _ in jobs:
+            props = Basic.Properties(
+                content_type=JSON,
+                headers={},
+                delivery_mode=2,
+                priority=job.priority,
+                message_id=job.job_id,
+            )
+            out.append(Outgoing(JOBS, job.job_type, orjson.dumps(job.body()), props, True))
+        failure: Exception | None = None
+        try:
+            await self.publish_confirmed(out, done)
+        except Unavailable as exc:
+            failure = exc
+        messages = []
+        for event in events:
+            if event.job_id not in done:
+                continue
+            props = Basic.Properties(
+                content_type=JSON,
+                headers={},
+                delivery_mode=2,
+                priority=0,
+                message_id=event.provenance_id,
+                message_type=event.type,
+            )
+            messages.append(Outgoing(EVENTS, event.type, orjson.dumps(event.body()), props, True))
+        await self.publish_confirmed(messages, done)
+        if failure is not None:
+            raise failure
+
     async def dead_letter(self, message: AbstractIncomingMessage, code: str, reason: str) -> None:
         """Copy a rejected request to jlm.dead with the reason in its headers.
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 QUEUE_RE = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
-Policy = Literal["replace", "skip", "reuse"]
+Policy = Literal["replace", "skip", "reuse", "debounce"]
 OPERATIONS = ("manage", "cancel", "status", "invalidate", "result")
 
 
@@ -46,6 +46,9 @@ class JobTypeConfig(BaseModel):
     result_ttl: Annotated[int, Field(gt=0)] = 3600
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 1
     retry_backoff: Annotated[float, Field(ge=0)] = 1.0
+    # Policy debounce: the default quiet time and bound of the wait, in ms (a request may set them).
+    debounce_ms: Annotated[int, Field(ge=1, le=86_400_000)] | None = None
+    max_wait_ms: Annotated[int, Field(ge=1, le=86_400_000)] | None = None
 
     @field_validator("queue")
     @classmethod

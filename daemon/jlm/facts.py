@@ -32,7 +32,7 @@ class Decision(Generic[F]):
 class ManageFacts:
     """manage.lua's facts: what became of the request and of the scope's previous job."""
 
-    decision: str  # enqueued | deduplicated
+    decision: str  # enqueued | deduplicated | scheduled
     job_id: str
     state: Any  # the job's state as decided (wire: state)
     previous_job_id: Any  # the scope's job before this decision, None if none (wire: prev)
@@ -45,10 +45,16 @@ class ManageFacts:
     at: Any  # the decision's time, RFC 3339
     priority: int | None  # as recorded (wire: pri); None in a record without it
     provenance_id: Any  # the decision's event id (wire: pid)
+    due_ms: int | None = None  # a scheduled job's due time, ms since the epoch (wire: due)
+    debounced: bool = False  # a debounce restarted the window of the scope's job (wire: ext)
 
     @property
     def enqueued(self) -> bool:
         return self.decision == "enqueued"
+
+    @property
+    def scheduled(self) -> bool:
+        return self.decision == "scheduled"
 
     @classmethod
     def decode(cls, f: dict[str, Any]) -> ManageFacts:
@@ -67,6 +73,8 @@ class ManageFacts:
             at=f["at"],
             priority=None if pri is None else int(pri),
             provenance_id=f["pid"],
+            due_ms=None if f.get("due") is None else int(f["due"]),
+            debounced=bool(f.get("ext")),
         )
 
 

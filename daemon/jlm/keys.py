@@ -23,6 +23,11 @@ TAG_LEN = 10
 # keep them apart even then.
 TAG_BITS = 40
 JOB_ID_RE = re.compile(r"^([0-9a-f]{10})-[0-9a-f]{32}$")
+# Due entries of scheduled jobs are spread over this many sorted sets, each under a hash tag of its
+# own (`{d<k>}`), so that no Redis Cluster node holds all of them. Every daemon of a namespace
+# scans them all: the number is fixed, never configured (a daemon with another number would leave
+# entries unscanned).
+DUE_SLOTS = 16
 
 
 def scope_tag(cache_prefix: str, job_type: str) -> str:
@@ -41,6 +46,11 @@ def binding_tag(actor: str | None, request_id: str) -> str:
     """The hash tag of an idempotency key's binding: a digest of (actor, message_id)."""
     key = f"{actor_digest(actor)}\x00{request_id}".encode()
     return "b" + hashlib.blake2b(key, digest_size=8).hexdigest()[:TAG_LEN]
+
+
+def due_slot(job_id: str) -> int:
+    """The due set of a job: from the random part of its id, so one busy scope spreads too."""
+    return int(job_id[-8:], 16) % DUE_SLOTS
 
 
 def new_job_id(tag: str) -> str:
@@ -95,6 +105,14 @@ class Keys:
         """String: the digest of the one request that (actor, message_id) is bound to (expires)."""
         tag = binding_tag(actor, request_id)
         return f"{self.base(tag)}:bind:{request_id}:{actor_digest(actor)}"
+
+    def due(self, slot: int) -> str:
+        """Sorted set: scheduled job ids by due time (ms since the epoch, Redis server time)."""
+        return f"{self.namespace}:{{d{slot}}}:due"
+
+    def due_taken(self, slot: int) -> str:
+        """Sorted set: job ids a daemon took from `due(slot)` to publish, by lease deadline (ms)."""
+        return f"{self.namespace}:{{d{slot}}}:taken"
 
     @property
     def job_types(self) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from jlm.config import Settings, UserGrant
+from jlm.due import DueSets, ms_iso, schedule_arg, status_reply
 from jlm.errors import Forbidden, JlmError, NotFound, ReplyToForbidden, UnknownJobType
 from jlm.facts import Decision, ManageFacts
 from jlm.keys import Keys, new_job_id, scope_tag, tag_of_job
@@ -69,6 +70,7 @@ class Lifecycle:
         self._keys: Keys = store.keys
         self._m = metrics
         self._channel = self._keys.cancel_channel
+        self._due = DueSets(store, settings.file.job_ttl)
 
     async def handle(self, op: str, request: Request, ctx: Context) -> Outcome:
         if isinstance(request, ManageRequest):
@@ -142,12 +144,22 @@ class Lifecycle:
         if jt is None:
             raise UnknownJobType(f"job type {req.job_type!r} is not configured")
         policy = req.policy or jt.policy
+        schedule = schedule_arg(req, jt, policy)  # before any write: it may refuse the request
         tag = scope_tag(req.cache_prefix, req.job_type)
         record, binding, bind_here = await self._record_keys(tag, ctx)
         decision = await self._decide_manage(
-            req, ctx, policy=policy, tag=tag, record=record, binding=binding, bind_here=bind_here
+            req,
+            ctx,
+            policy=policy,
+            tag=tag,
+            record=record,
+            binding=binding,
+            bind_here=bind_here,
+            schedule=schedule,
         )
         f = decision.facts
+        if f.scheduled and f.due_ms is not None and decision.job_state in (None, "scheduled"):
+            await self._due.add(f.job_id, f.due_ms)  # a replay adds it again: a crash came between
         reply: dict[str, Any] = {
             "success": True,
             "new_job_id": f.job_id,
@@ -156,9 +168,11 @@ class Lifecycle:
             "cache_invalidated": f.cache_invalidated,
             "previous_job_id": f.previous_job_id,
             "provenance_id": f.provenance_id,
-            "deduplicated": not f.enqueued,
+            "deduplicated": f.decision == "deduplicated",
             "state": f.state,
         }
+        if f.due_ms is not None:
+            reply["due_at"] = ms_iso(f.due_ms)
         if f.why == "reuse":
             # The record names the result's job; a replay reads the result again (null once gone).
             reply["result"] = None if decision.result is None else orjson.loads(decision.result)
@@ -181,7 +195,7 @@ class Lifecycle:
             out.queue = self._file.queue_for(req.job_type)
         self._settle_replay(out, decision, record, ctx, job_live=decision.job_state == "pending")
         if not decision.replayed:
-            self._count_manage(req, policy, f)
+            self._m.count_manage(req.job_type, req.priority, policy, f)
         return out
 
     async def _decide_manage(
@@ -194,6 +208,7 @@ class Lifecycle:
         record: str,
         binding: str,
         bind_here: bool,
+        schedule: str,
     ) -> Decision[ManageFacts]:
         k = self._keys
         job_id = new_job_id(tag)
@@ -226,21 +241,8 @@ class Lifecycle:
             session=ctx.redelivered_in,
             terminal_ttl=self._file.terminal_ttl,
             type_settings=self._file.recorded_settings(req.job_type),
+            schedule=schedule,
         )
-
-    def _count_manage(self, req: ManageRequest, policy: str, f: ManageFacts) -> None:
-        m = self._m
-        jt = m.job_type_label(req.job_type)
-        if f.enqueued:
-            m.child(m.jobs_enqueued, jt, str(req.priority)).inc()
-        else:
-            m.child(m.jobs_deduplicated, jt, policy).inc()
-        if f.superseded:
-            m.child(m.jobs_superseded, jt).inc()
-        if f.stale_cancelled or f.running_cancelled:
-            m.child(m.jobs_cancelled, jt, "superseded").inc()
-        if f.cache_invalidated:
-            m.child(m.cache_invalidations, jt).inc()
 
     # -- idempotency -----------------------------------------------------------------------------
 
@@ -365,23 +367,7 @@ class Lifecycle:
     async def status(self, req: StatusRequest, ctx: Context) -> Outcome:
         job, history = await self._read_job(req.job_id)
         self.authorize(ctx, "status", job["cache_prefix"], job["job_type"], req.job_id)
-        reply = {
-            "success": True,
-            "job_id": req.job_id,
-            "state": job.get("state"),
-            "job_type": job.get("job_type"),
-            "cache_prefix": job.get("cache_prefix"),
-            "priority": int(job.get("priority", "5")),
-            "created_at": job.get("created_at"),
-            "updated_at": job.get("updated_at"),
-            "superseded_by": job.get("superseded_by"),
-            "attempt": int(job.get("attempt", "0")),
-            "history": [orjson.loads(h) for h in history],
-        }
-        if job.get("error"):
-            reply["error"] = job["error"]
-        if job.get("progress"):  # {fraction, message, at}: the latest a handler reported
-            reply["progress"] = orjson.loads(job["progress"])
+        reply = status_reply(req.job_id, job, history)
         return Outcome(reply)
 
     # -- by scope --------------------------------------------------------------------------------

@@ -29,9 +29,9 @@ Time = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 JobState = Annotated[
     str,
     Field(
-        description="pending, running, succeeded, failed or cancelled (later versions may add "
-        "states, such as scheduled)",
-        examples=["pending", "running", "succeeded", "failed", "cancelled"],
+        description="scheduled, pending, running, succeeded, failed or cancelled (later versions "
+        "may add states)",
+        examples=["scheduled", "pending", "running", "succeeded", "failed", "cancelled"],
     ),
 ]
 
@@ -54,6 +54,9 @@ class Decision(_Message):
     state: JobState
     result: Any = Field(
         default=None, description="with policy reuse and a cached result: that result"
+    )
+    due_at: Time | None = Field(
+        default=None, description="a scheduled job (debounce, not_before): when it is published"
     )
 
 
@@ -98,6 +101,9 @@ class JobStatus(_Message):
     error: str | None = Field(default=None, description="why a failed job failed")
     progress: Progress | None = Field(
         default=None, description="the latest progress its handler reported, once it has"
+    )
+    due_at: Time | None = Field(
+        default=None, description="a job that was scheduled: when it is (was) due to be published"
     )
 
 
@@ -166,6 +172,7 @@ class EventModel(_Message):
         Field(
             pattern=r"^(job|cache|request)\.[a-z_]+$",
             examples=[
+                "job.scheduled",
                 "job.enqueued",
                 "job.superseded",
                 "job.deduplicated",

@@ -20,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 
 from jlm import __version__
+from jlm.facts import ManageFacts
 
 # `_created` series double every counter for no reader we have.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -62,6 +63,19 @@ class Metrics:
             "jlm_jobs_enqueued",
             "Jobs accepted and published to a job queue.",
             ["job_type", "priority"],
+            registry=r,
+        )
+        self.jobs_scheduled = Counter(
+            "jlm_jobs_scheduled",
+            "Decisions that left a job scheduled (policy debounce, not_before): a new scheduled "
+            "job, or a debounce that restarted the wait of the scope's scheduled job.",
+            ["job_type"],
+            registry=r,
+        )
+        self.scheduler_lateness = Histogram(
+            "jlm_scheduler_lateness_seconds",
+            "From a scheduled job's due time to the broker's confirm of its job message.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=r,
         )
         self.jobs_superseded = Counter(
@@ -191,6 +205,22 @@ class Metrics:
             buckets=(*_LATENCY_BUCKETS, 10.0, 30.0, 60.0, 300.0),
             registry=r,
         )
+
+    def count_manage(self, job_type: str, priority: int, policy: str, f: ManageFacts) -> None:
+        """The counters of one `manage` decision."""
+        jt = self.job_type_label(job_type)
+        if f.enqueued:
+            self.child(self.jobs_enqueued, jt, str(priority)).inc()
+        elif f.scheduled:
+            self.child(self.jobs_scheduled, jt).inc()  # enqueued once the scheduler publishes it
+        else:
+            self.child(self.jobs_deduplicated, jt, policy).inc()
+        if f.superseded:
+            self.child(self.jobs_superseded, jt).inc()
+        if f.stale_cancelled or f.running_cancelled:
+            self.child(self.jobs_cancelled, jt, "superseded").inc()
+        if f.cache_invalidated:
+            self.child(self.cache_invalidations, jt).inc()
 
     def job_type_label(self, job_type: str) -> str:
         """Bound the label's cardinality: configured job types always keep their name; of the

@@ -21,6 +21,8 @@ MAX_ID_LEN = 256
 Name = Annotated[str, StringConstraints(strict=True, pattern=NAME_RE.pattern)]
 JobId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_LEN)]
 Priority = Annotated[int, Field(strict=True, ge=1, le=10)]
+# Milliseconds of a debounce window or its bound: up to a day.
+WaitMs = Annotated[int, Field(strict=True, ge=1, le=86_400_000)]
 
 
 class _Request(BaseModel):
@@ -32,9 +34,12 @@ class ManageRequest(_Request):
     payload: dict[str, Any]
     cache_prefix: Name = "job"
     priority: Priority = 5
-    policy: Literal["replace", "skip", "reuse"] | None = None
+    policy: Literal["replace", "skip", "reuse", "debounce"] | None = None
     cancel_running: bool = False
     requested_at: str | None = None
+    debounce_ms: WaitMs | None = None  # policy debounce: the quiet time before publishing
+    max_wait_ms: WaitMs | None = None  # policy debounce: the longest wait from the first request
+    not_before: str | None = None  # RFC 3339: the job is published at that time, not before
 
 
 class CancelRequest(_Request):
@@ -138,18 +143,18 @@ def decode_json(body: bytes, max_bytes: int) -> dict[str, Any]:
     return value
 
 
-def parse_time(value: str) -> datetime:
-    """RFC 3339 with an explicit offset, returned in UTC."""
+def parse_time(value: str, name: str = "requested_at") -> datetime:
+    """RFC 3339 with an explicit offset, returned in UTC; `name` is the field, for the error."""
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
-        raise InvalidRequest(f"requested_at: not an RFC 3339 time: {value[:64]!r}") from exc
+        raise InvalidRequest(f"{name}: not an RFC 3339 time: {value[:64]!r}") from exc
     if parsed.tzinfo is None or "T" not in value.upper():
-        raise InvalidRequest("requested_at: an RFC 3339 time with date, time and offset")
+        raise InvalidRequest(f"{name}: an RFC 3339 time with date, time and offset")
     try:
         return parsed.astimezone(UTC)
     except OverflowError as exc:  # e.g. 9999-12-31T23:00:00-05:00 is in the year 10000 UTC
-        raise InvalidRequest(f"requested_at: out of range: {value[:64]!r}") from exc
+        raise InvalidRequest(f"{name}: out of range: {value[:64]!r}") from exc
 
 
 def check_clock_skew(request: Request, now: datetime, max_skew: float) -> None:
@@ -206,6 +211,8 @@ def parse_request(op: str, body: bytes, max_bytes: int) -> Request:
         raise InvalidRequest(_format_validation(exc)) from exc
     if isinstance(request, ManageRequest) and request.requested_at is not None:
         parse_time(request.requested_at)
+    if isinstance(request, ManageRequest) and request.not_before is not None:
+        parse_time(request.not_before, "not_before")
     return request  # type: ignore[return-value]
 
 

@@ -12,6 +12,8 @@ from jlm.facts import ManageFacts
 from jlm.protocol import ManageRequest, iso
 
 AGENT = {"id": "job-lifecycle-manager", "version": __version__}
+# The event of a manage decision; a scheduled job's `job.enqueued` comes when it is published.
+_DECISION_EVENTS = {"enqueued": "job.enqueued", "scheduled": "job.scheduled"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,7 @@ def manage_events(
     reply: dict[str, Any],
 ) -> list[Event]:
     """The events of one manage decision: `job.superseded` (if it superseded a job), then
-    `job.enqueued` or `job.deduplicated`."""
+    `job.enqueued`, `job.scheduled` or `job.deduplicated`."""
     scope = scope_of(req.cache_prefix, req.job_type)
     events = []
     if f.superseded:
@@ -90,7 +92,7 @@ def manage_events(
     events.append(
         Event(
             f.provenance_id,
-            "job.enqueued" if f.enqueued else "job.deduplicated",
+            _DECISION_EVENTS.get(f.decision, "job.deduplicated"),
             f.state,
             f.at,
             actor,

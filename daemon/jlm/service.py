@@ -21,6 +21,7 @@ from jlm.amqp.names import REQUESTS
 from jlm.broker import Broker
 from jlm.config import Settings, redact_url
 from jlm.dispatch import Dispatcher
+from jlm.due import DueSets
 from jlm.errors import (
     Refused,
     Unavailable,
@@ -30,6 +31,7 @@ from jlm.keys import Keys
 from jlm.lifecycle import Lifecycle, Outcome
 from jlm.metrics import OTHER, HealthState, Metrics
 from jlm.retry import RECONNECT_START, Backoff, RareLog
+from jlm.scheduler import Scheduler
 from jlm.store import Store, connect
 from jlm.systemd import Notifier, watchdog_loop
 
@@ -89,6 +91,15 @@ class Service:
             session_of=self._session_of,
             on_redis_fault=self._redis_fault,
         )
+        # Publishes the scheduled jobs that are due (policy debounce, not_before).
+        self.scheduler = Scheduler(
+            settings,
+            self.metrics,
+            DueSets(self.store, settings.file.job_ttl),
+            lambda: self.broker,
+            rare=self._rare,
+            stopping=self.stopping,
+        )
         for dep in ("redis", "rabbitmq"):
             self.metrics.dependency_up.labels(dependency=dep).set(0)
 
@@ -110,6 +121,7 @@ class Service:
                     tg.start_soon(self._signals, tg.cancel_scope)
                 tg.start_soon(self._monitor)
                 tg.start_soon(self._watch_broker)
+                tg.start_soon(self.scheduler.run)
                 tg.start_soon(watchdog_loop, self.notifier, self._healthy)
                 await self._sessions()
                 tg.cancel_scope.cancel()

@@ -229,6 +229,7 @@ class Store:
         session: str,
         terminal_ttl: int,
         type_settings: tuple[int, int, float, str],
+        schedule: str = "",
     ) -> Decision[ManageFacts]:
         """manage.lua: one decision for one dedup scope (with the job type's settings)."""
         d = await self.decide(
@@ -256,6 +257,7 @@ class Store:
                 session,
                 terminal_ttl,
                 *type_settings,
+                schedule,
             ],
         )
         return _typed(d, ManageFacts.decode(d.facts))

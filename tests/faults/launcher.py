@@ -9,6 +9,8 @@ fault suite runs, installs a hook that kills the process on the n-th decision:
     JLM_TEST_FAULT=delay_decision:<ms>:<seed> before each Redis decision, wait a random 0..ms
                                               (a fixed seed): requests of one scope delivered to
                                               several daemons reach Redis out of delivery order
+    JLM_TEST_FAULT=crash_after_promote:<n>    os._exit(137) once the scheduler made its n-th due
+                                              job pending (promote.lua), before its publish
 
 Everything else is read from the environment exactly as `jlm run` reads it.
 """
@@ -71,6 +73,23 @@ def delay_decisions(store: Store, max_ms: float, seed: int) -> None:
     store.decide = delayed  # type: ignore[method-assign]  # the fault hook wraps the real call
 
 
+def crash_after_promote(store: Store, n: int) -> None:
+    """Wrap the store's script calls: the process dies right after the n-th `promote`."""
+    seen = 0
+    run = store.run
+
+    async def counted(name: str, keys: Sequence[str], args: Sequence[Any], **kw: Any) -> Any:
+        nonlocal seen
+        result = await run(name, keys, args, **kw)
+        if name == "promote":
+            seen += 1
+            if seen >= n:
+                os._exit(137)  # entries taken, some jobs pending, nothing of them published
+        return result
+
+    store.run = counted  # type: ignore[method-assign]  # the fault hook wraps the real call
+
+
 async def main() -> None:
     settings = load_settings()
     logs.setup(settings.log_level, settings.log_format)
@@ -82,6 +101,8 @@ async def main() -> None:
     elif kind == "delay_decision":
         max_ms, _, seed = arg.partition(":")
         delay_decisions(service.store, float(max_ms), int(seed or "0"))
+    elif kind == "crash_after_promote":
+        crash_after_promote(service.store, int(arg))
     elif fault:
         sys.exit(f"JLM_TEST_FAULT: unknown fault {fault!r}")
     await service.run()

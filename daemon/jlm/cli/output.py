@@ -40,23 +40,29 @@ def progress_line(p: dict[str, Any]) -> str:
     return f"{text} (at {p.get('at')})"
 
 
+def _describe_submit(r: dict[str, Any]) -> str:
+    lines = [
+        f"job        {r.get('new_job_id')} ({r.get('state')})",
+        f"previous   {r.get('previous_job_id') or '-'}",
+        f"deduplicated {str(r.get('deduplicated')).lower()}, stale_cancelled "
+        f"{str(r.get('stale_cancelled')).lower()}, cache_invalidated "
+        f"{str(r.get('cache_invalidated')).lower()}",
+        f"provenance {r.get('provenance_id')}",
+    ]
+    if r.get("due_at"):
+        lines.append(f"due        {r['due_at']} (scheduled: published then, not before)")
+    if r.get("running_cancelled"):
+        lines.append("running    the running job was stopped (--cancel-running)")
+    if "result" in r:
+        lines.append(f"result     {orjson.dumps(r['result']).decode()}")
+    if r.get("job_error"):
+        lines.append(f"error      {r['job_error']}")
+    return "\n".join(lines)
+
+
 def describe(command: str, r: dict[str, Any]) -> str:
     if command == "submit":
-        lines = [
-            f"job        {r.get('new_job_id')} ({r.get('state')})",
-            f"previous   {r.get('previous_job_id') or '-'}",
-            f"deduplicated {str(r.get('deduplicated')).lower()}, stale_cancelled "
-            f"{str(r.get('stale_cancelled')).lower()}, cache_invalidated "
-            f"{str(r.get('cache_invalidated')).lower()}",
-            f"provenance {r.get('provenance_id')}",
-        ]
-        if r.get("running_cancelled"):
-            lines.append("running    the running job was stopped (--cancel-running)")
-        if "result" in r:
-            lines.append(f"result     {orjson.dumps(r['result']).decode()}")
-        if r.get("job_error"):
-            lines.append(f"error      {r['job_error']}")
-        return "\n".join(lines)
+        return _describe_submit(r)
     if command == "status":
         head = [
             f"job      {r['job_id']}",
@@ -65,6 +71,9 @@ def describe(command: str, r: dict[str, Any]) -> str:
             f"created  {r['created_at']}",
             f"updated  {r['updated_at']}",
         ]
+        if r.get("due_at"):
+            when = "due" if r["state"] == "scheduled" else "was due"
+            head.append(f"{when:<8} {r['due_at']}")
         if r.get("superseded_by"):
             head.append(f"superseded by {r['superseded_by']}")
         if r.get("progress"):

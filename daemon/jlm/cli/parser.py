@@ -68,7 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--payload", default="{}", help="JSON object (default {})")
     c.add_argument("--prefix", default="job", help="cache_prefix of the dedup scope")
     c.add_argument("--priority", type=int, default=5, help="1..10, 10 runs first")
-    c.add_argument("--policy", choices=("replace", "skip", "reuse"))
+    c.add_argument("--policy", choices=("replace", "skip", "reuse", "debounce"))
+    c.add_argument(
+        "--debounce-ms", type=int, metavar="MS", help="policy debounce: publish after MS quiet"
+    )
+    c.add_argument(
+        "--max-wait-ms", type=int, metavar="MS", help="policy debounce: wait at most MS in all"
+    )
+    c.add_argument(
+        "--not-before",
+        metavar="TIME|+30s",
+        help="publish the job at this time, not before: RFC 3339, or +30s, +10m, +2h, +1d",
+    )
     c.add_argument("--cancel-running", action="store_true", help="also stop a running job")
     wait = c.add_mutually_exclusive_group()
     wait.add_argument("--wait", action="store_true", help="wait for the reply (the default)")

@@ -4,9 +4,11 @@ daemon and its reply."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -155,6 +157,14 @@ def _request_body(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | str:
         }
         if args.policy:
             body["policy"] = args.policy
+        for name in ("debounce_ms", "max_wait_ms"):
+            if getattr(args, name) is not None:
+                body[name] = getattr(args, name)
+        if args.not_before:
+            try:
+                body["not_before"] = not_before(args.not_before, now)
+            except ValueError as exc:
+                return str(exc)
         return "manage", body
     if args.command == "cancel":
         return "cancel", {"job_id": args.job_id, "running": args.running}
@@ -162,6 +172,28 @@ def _request_body(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | str:
         return "status", {"job_id": args.job_id}
     assert args.command in ("invalidate", "result")
     return args.command, {"job_type": args.job_type, "cache_prefix": args.prefix}
+
+
+def not_before(text: str, now: float) -> str:
+    """`--not-before`: an RFC 3339 time as given, or `+30s`, `+10m`, `+2h`, `+1d` from `now`."""
+    text = text.strip()
+    m = re.fullmatch(r"\+(\d+(?:\.\d+)?)(ms|s|m|h|d)", text)
+    if m is not None:
+        at = datetime.fromtimestamp(now + float(m.group(1)) * _SECONDS[m.group(2)], UTC)
+        return at.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None or "T" not in text.upper():
+        raise ValueError(
+            f"--not-before {text!r}: use +30s, +10m, +2h, +1d or a time with its offset "
+            "(2026-12-02T07:00:00Z)"
+        )
+    return text
+
+
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 async def _until_done(

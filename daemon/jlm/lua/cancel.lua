@@ -40,7 +40,7 @@ end
 
 local f = {at = now, pid = pid, prev_state = j[1], job_type = j[2], cache_prefix = j[3]}
 local state = j[1]
-if state == 'pending' or (state == 'running' and running == '1') then
+if state == 'pending' or state == 'scheduled' or (state == 'running' and running == '1') then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'updated_at', now, 'cancel_reason', 'requested')
   if state == 'running' then
     redis.call('HSET', KEYS[1], 'cancel_requested', now)

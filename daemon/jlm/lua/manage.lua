@@ -1,4 +1,5 @@
--- manage.lua: one `manage` decision for one dedup scope, atomically (after prelude.lua, record.lua).
+-- manage.lua: one `manage` decision for one dedup scope, atomically (after prelude.lua, record.lua,
+-- schedule.lua).
 --
 -- KEYS[1]  scope hash          fields: job (current job id), at (its requested_at, µs)
 -- KEYS[2]  result hash         fields: job, value (JSON), at
@@ -6,7 +7,7 @@
 -- KEYS[4]  new job hash
 -- KEYS[5]  new job history     list of JSON entries
 -- KEYS[6]  binding             string (record.lua); a placeholder unless ARGV[18] is 1
--- ARGV[1]  policy              replace | skip | reuse
+-- ARGV[1]  policy              replace | skip | reuse | debounce
 -- ARGV[2]  new job id
 -- ARGV[3]  now                 RFC 3339
 -- ARGV[4]  requested_at        µs since the epoch, or '' when the request has none: then the
@@ -28,11 +29,15 @@
 -- ARGV[21] max_attempts   ARGV[22] result_ttl (s)   ARGV[23] retry_backoff (s)   ARGV[24] queue
 --                              the job type's settings, recorded on the new job so that workers
 --                              and their scripts read them there (docs/worker-protocol.md)
+-- ARGV[25] schedule            '' or a JSON object (schedule.lua): debounce window, max wait,
+--                              not_before, payload
 --
 -- Returns {status, facts, result, job state, republish}:
---   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated), job, state, prev,
---     prev_state, why (skip | reuse | stale), stale (pending job cancelled), sup (previous job
---     superseded), rc (running job cancelled), inv (cache invalidated), at, pri (priority), pid.
+--   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated | scheduled), job,
+--     state, due (a scheduled job's due time: ms since the epoch, a string), ext (a debounce
+--     restarted the window of the scope's scheduled job), prev, prev_state, why (skip | reuse |
+--     stale), stale (pending or scheduled job cancelled), sup (previous job superseded), rc
+--     (running job cancelled), inv (cache invalidated), at, pri (priority), pid.
 --     result is the cached JSON on a reuse hit (never recorded: the record names its job only).
 --   status 1: a replay of the recorded facts; nothing changed. result is the cached JSON of a
 --     reuse hit while the result of the recorded job is still cached; job state is the decided
@@ -47,6 +52,7 @@ local job_type, cache_prefix, priority, request_id = ARGV[10], ARGV[11], ARGV[12
 local pid, channel, bound = ARGV[14], ARGV[15], tonumber(ARGV[16])
 local digest, bind, session = ARGV[17], ARGV[18], ARGV[19]
 local terminal_ttl = ARGV[20]
+local sched = schedule_of(ARGV[25])
 
 local replay = recorded(record_it, KEYS[6], KEYS[3], digest, bind, session, function(facts)
   local f = cjson.decode(facts)
@@ -80,7 +86,7 @@ end
 
 local f = {at = now, pid = pid, pri = tonumber(priority)}
 local result = false
-local live = cur_state == 'pending' or cur_state == 'running'
+local live = cur_state == 'pending' or cur_state == 'running' or cur_state == 'scheduled'
 if cur_id then
   f.prev = cur_id
   f.prev_state = cur_state
@@ -116,11 +122,24 @@ if (policy == 'skip' or policy == 'reuse') and live then
   return dedup(cur_id, cur_state, 'skip')
 end
 
+-- Debounce (schedule.lua): the scope's scheduled job takes this request and waits again.
+local now_ms = 0  -- the server's time, read only for a job that may be held back
+if sched then
+  now_ms = select(2, server_time())
+end
+if policy == 'debounce' and cur_state == 'scheduled' then
+  f.d, f.job, f.state, f.ext = 'scheduled', cur_id, 'scheduled', true
+  f.due = debounce(prefix .. cur_id, sched, now_ms, now, priority, job_ttl, bound)
+  redis.call('HSET', KEYS[1], 'at', at)
+  redis.call('EXPIRE', KEYS[1], job_ttl + wait_s(tonumber(f.due), now_ms))
+  return finish()
+end
+
 -- Enqueue a new job, superseding the current one.
 local inv = false
 if cur_id then
   local old = prefix .. cur_id
-  if cur_state == 'pending' then
+  if cur_state == 'pending' or cur_state == 'scheduled' then
     redis.call('HSET', old, 'state', 'cancelled', 'superseded_by', new_id, 'updated_at', now,
       'cancel_reason', 'superseded')
     note(old .. ':h', 'cancelled', now, 'superseded by ' .. new_id, bound, terminal_ttl)
@@ -140,24 +159,36 @@ if cur_id then
     end
   end
   redis.call('EXPIRE', old, ttl_of(redis.call('HGET', old, 'state'), job_ttl, terminal_ttl))
-  if policy == 'replace' then
+  if policy == 'replace' or policy == 'debounce' then
     inv = true
   end
 end
-if policy == 'replace' and redis.call('DEL', KEYS[2]) == 1 then
+if (policy == 'replace' or policy == 'debounce') and redis.call('DEL', KEYS[2]) == 1 then
   inv = true
 end
 f.inv = inv
 
-redis.call('HSET', KEYS[4], 'state', 'pending', 'job_type', job_type, 'cache_prefix', cache_prefix,
+-- A held job (schedule.lua) is `scheduled` until due, and its keys live its wait longer.
+local due = first_due(sched, now_ms)
+local state, ttl = 'pending', job_ttl
+if due then
+  state, ttl = 'scheduled', job_ttl + wait_s(due, now_ms)
+end
+redis.call('HSET', KEYS[4], 'state', state, 'job_type', job_type, 'cache_prefix', cache_prefix,
   'priority', priority, 'created_at', now, 'updated_at', now, 'attempt', 0,
   'request_id', request_id, 'requested_at', at)
 redis.call('HSET', KEYS[4], 'max_attempts', ARGV[21], 'result_ttl', ARGV[22],
   'retry_backoff', ARGV[23], 'queue', ARGV[24])
-redis.call('EXPIRE', KEYS[4], job_ttl)
-note(KEYS[4] .. ':h', 'pending', now, 'enqueued', bound, job_ttl)
+if due then
+  hold(KEYS[4], sched, due, now_ms)
+end
+redis.call('EXPIRE', KEYS[4], ttl)
+note(KEYS[4] .. ':h', state, now, due and 'scheduled' or 'enqueued', bound, ttl)
 redis.call('HSET', KEYS[1], 'job', new_id, 'at', at)
-redis.call('EXPIRE', KEYS[1], job_ttl)
+redis.call('EXPIRE', KEYS[1], ttl)
 
 f.d, f.job, f.state = 'enqueued', new_id, 'pending'
+if due then
+  f.d, f.state, f.due = 'scheduled', 'scheduled', ms(due)
+end
 return finish()
