@@ -102,6 +102,7 @@ def manage_call(
         "",
         file.terminal_ttl,
         *file.recorded_settings(JOB_TYPE),
+        "",  # no schedule: published at once
     ]
     return call_keys, args
 

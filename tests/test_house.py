@@ -26,6 +26,8 @@ LONG_FUNCTIONS = {
     "jlm.cli.parser.build_parser",
     # A list of metric declarations, one per collector.
     "jlm.metrics.Metrics.__init__",
+    # The typed call of manage.lua: one keyword parameter per ARGV (25), in the script's order.
+    "jlm.store.Store.manage",
 }
 # The AMQP libraries: the decisions (`lifecycle`) stay free of their types.
 AMQP_LIBRARIES = ("aio_pika", "aiormq", "pamqp")
