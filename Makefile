@@ -60,15 +60,19 @@ test-fast: install services
 # Optional parts: BENCH_EXTRAS="celery retention". celery: Celery's confirmed apply_async in the
 # same run (needs the `[bench]` extra: pip install -e '.[bench]'); retention: Redis memory after
 # 1,000,000 superseding requests with terminal_ttl = 60 (python -m bench.retention).
+# `make bench` ends with the scheduled jobs' bench (lateness at 1,000 due jobs a second for 60 s,
+# debounce beside replace); BENCH_EXTRAS adds the optional parts: celery, retention.
 bench: install services
 	$(BIN)/python -m bench.run $(BENCH_ARGS) $(if $(filter celery,$(BENCH_EXTRAS)),--celery)
 	$(if $(filter retention,$(BENCH_EXTRAS)),$(BIN)/python -m bench.retention --append)
+	$(BIN)/python -m bench.scheduled $(BENCH_SCHEDULED_ARGS)
 
 bench-quick: install services
 	$(BIN)/python -m bench.run --quick --no-append $(if $(filter celery,$(BENCH_EXTRAS)),--celery)
 	$(if $(filter retention,$(BENCH_EXTRAS)),$(BIN)/python -m bench.retention --quick)
+	$(BIN)/python -m bench.scheduled --seconds 10 --requests 2000
 
-# Scheduled jobs: lateness at 1,000 due jobs a second for 60 s, debounce beside replace.
+# The scheduled jobs' bench alone.
 .PHONY: bench-scheduled
 bench-scheduled: install services
 	$(BIN)/python -m bench.scheduled $(BENCH_SCHEDULED_ARGS)
