@@ -392,7 +392,7 @@ def test_completion_scripts_load_and_complete() -> None:
     assert "complete -F _jlm_complete jlm" in bash
     fish = script(parser, "fish")
     assert "complete -c jlm -n __fish_use_subcommand -a submit" in fish
-    assert "-l policy -xa 'replace skip reuse'" in fish
+    assert "-l policy -xa 'replace skip reuse debounce'" in fish
 
 
 @pytest.mark.unit
