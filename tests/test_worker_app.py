@@ -107,7 +107,7 @@ def start_app(
 
 
 @pytest.mark.timeout(240)
-async def test_one_app_process_runs_three_thousand_jobs_of_three_types_exactly_once(  # noqa: PLR0917
+async def test_one_app_process_runs_three_thousand_jobs_of_three_types_exactly_once(  # noqa: PLR0917 - fixtures arrive as parameters
     daemon: Any,
     client: Client,
     settings: Settings,

@@ -12,7 +12,7 @@ from tests.test_worker import Env, env, until  # noqa: F401 - the fixture is col
 pytestmark = pytest.mark.timeout(90)
 
 
-async def test_a_debounced_burst_runs_once_with_its_last_payload(env: Env) -> None:  # noqa: F811
+async def test_a_debounced_burst_runs_once_with_its_last_payload(env: Env) -> None:  # noqa: F811 - env, the imported fixture
     async with env.workers("count"):
         ids = {
             await env.submit("d1", payload={"v": i}, policy="debounce", debounce_ms=300)
@@ -27,7 +27,7 @@ async def test_a_debounced_burst_runs_once_with_its_last_payload(env: Env) -> No
         assert result["result"] == {"job": job_id, "echo": {"v": 2}}
 
 
-async def test_a_delayed_job_does_not_start_before_its_time(env: Env) -> None:  # noqa: F811
+async def test_a_delayed_job_does_not_start_before_its_time(env: Env) -> None:  # noqa: F811 - env, the imported fixture
     not_before = datetime.now(UTC) + timedelta(seconds=2)
     async with env.workers("count"):
         job_id = await env.submit("d2", not_before=not_before.isoformat())

@@ -13,7 +13,7 @@ from redis.asyncio.cluster import RedisCluster
 from tests.support.services import RunningDaemon
 
 # The scheduling tests, collected again in this module under its cluster fixtures.
-from tests.test_debounce import (  # noqa: F401
+from tests.test_debounce import (  # noqa: F401 - collected again here
     test_a_burst_becomes_one_job_published_after_the_quiet_time,
     test_a_replayed_debounce_request_changes_nothing,
     test_cancel_of_a_scheduled_job_means_it_is_never_published,
