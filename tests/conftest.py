@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
+from tests.support.redis_server import RedisServer
 from tests.support.services import (
     REDIS_URL,
     RunningDaemon,
@@ -25,6 +26,16 @@ from jlm.config import Settings
 def _cleanup_vhosts() -> Iterator[None]:
     yield
     delete_vhosts()
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A Redis of the module's own, for property tests that read back or delete every key of an
+    example: a SCAN of the shared server walks whatever the rest of the suite left there."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

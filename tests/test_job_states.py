@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from tests.support.redis_server import RedisServer
 
 from jlm.config import Settings
 from jlm.due import DueSets
@@ -46,7 +47,7 @@ def test_no_terminal_state_has_a_way_out() -> None:
         assert not any(allowed(state, after) for after in (*LIVE, *TERMINAL))
 
 
-# `settings` is only read (the Redis URL); each example makes its own namespace and clients.
+# `settings` is only read; each example makes its own namespace and clients on the module's Redis.
 @hsettings(
     max_examples=40,
     deadline=None,
@@ -54,9 +55,9 @@ def test_no_terminal_state_has_a_way_out() -> None:
 )
 @given(STEPS)
 def test_random_steps_keep_the_state_machine(
-    settings: Settings, steps: list[tuple[str, int, str, str | None]]
+    settings: Settings, own_redis: RedisServer, steps: list[tuple[str, int, str, str | None]]
 ) -> None:
-    asyncio.run(_run(settings, steps))
+    asyncio.run(_run(settings.model_copy(update={"redis_url": own_redis.url}), steps))
 
 
 async def _run(settings: Settings, steps: list[tuple[str, int, str, str | None]]) -> None:

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from tests.support.redis_server import RedisServer
 
 from jlm.config import Settings
 from jlm.keys import Keys, new_job_id, scope_tag
@@ -332,7 +333,11 @@ FINAL = ("succeeded", "failed", "cancelled")
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=OPS)
-def test_any_interleaving_keeps_the_invariants(settings: Settings, ops: list[tuple]) -> None:
+def test_any_interleaving_keeps_the_invariants(
+    settings: Settings, own_redis: RedisServer, ops: list[tuple]
+) -> None:
+    if not settings.redis_cluster:  # the cluster module runs it on its own cluster
+        settings = settings.model_copy(update={"redis_url": own_redis.url})
     asyncio.run(_interleave(settings, ops))
 
 
