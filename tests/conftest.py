@@ -12,6 +12,7 @@ from tests.support.services import (
     REDIS_URL,
     RunningDaemon,
     delete_vhosts,
+    drop_namespace,
     fresh_vhost,
     settings_factory,
     start_daemon,
@@ -46,8 +47,12 @@ def vhost() -> Iterator[str]:
 
 
 @pytest.fixture
-def namespace() -> str:
-    return f"jlmt{uuid.uuid4().hex[:10]}"
+def namespace() -> Iterator[str]:
+    """A fresh Redis namespace, deleted from the shared Redis after the test (its daemons are
+    stopped first): the keyspace that other tests SCAN stays the size of one test's."""
+    name = f"jlmt{uuid.uuid4().hex[:10]}"
+    yield name
+    drop_namespace(name)
 
 
 @pytest.fixture
@@ -62,11 +67,9 @@ def settings(make_settings: Callable[..., Settings]) -> Settings:
 
 @pytest.fixture
 async def redis_client(namespace: str) -> AsyncIterator[aioredis.Redis]:
+    """The shared Redis; the test's namespace outlives this client and is deleted after it."""
     client = aioredis.Redis.from_url(REDIS_URL)
     yield client
-    keys = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
-    if keys:
-        await client.delete(*keys)
     await client.aclose()
 
 
