@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -27,6 +28,14 @@ from jlm.config import Settings
 def _cleanup_vhosts() -> Iterator[None]:
     yield
     delete_vhosts()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _collect_garbage_per_module() -> Iterator[None]:
+    """Collect the module's garbage when it ends: a connection it left unclosed is reported
+    (pyproject.toml's filterwarnings) under its own last test, not a later module's."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
