@@ -12,6 +12,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -19,7 +20,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection
 from aiormq.exceptions import AMQPConnectionError, AMQPError, InvalidFrameError
 
-from jlm.amqp.transport import CoalescingConnection
+from jlm.amqp.transport import CoalescingConnection, in_place
 from jlm.config import Settings, redact_url
 from jlm.errors import Refused, Unavailable
 
@@ -72,6 +73,14 @@ async def connect_first(settings: Settings, name: str) -> AbstractConnection:
                 full, connection_class=CoalescingConnection, **kwargs
             )
             log.info("connected to %s", redact_url(url))
+            if not in_place(conn):
+                log.error(
+                    "aio-pika %s / aiormq %s did not use jlm's AMQP transport: a message with "
+                    "undecodable properties will close the connection, and frames are written "
+                    "one by one; install the versions pyproject.toml pins",
+                    version("aio-pika"),
+                    version("aiormq"),
+                )
             return conn
         except (AMQPError, OSError, TimeoutError) as exc:
             failures.append(await describe(url, exc))

@@ -231,7 +231,8 @@ def _field_size(kind: str, data: bytes) -> int:
 
 
 class CoalescingTransportFactory(aiormq.TransportFactory):
-    """aiormq's own TCP or TLS transport, with a coalescing writer."""
+    """aiormq's own TCP or TLS transport, with a coalescing writer; `used` counts the
+    transports it made (`in_place` reads it)."""
 
     def __init__(self, tls: bool) -> None:
         self._inner: aiormq.TransportFactory = (
@@ -239,11 +240,13 @@ class CoalescingTransportFactory(aiormq.TransportFactory):
             if tls
             else aiormq.connection.TCPTransportFactory()
         )
+        self.used = 0
 
     async def create(
         self, url: URL, **kwargs: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self._inner.create(url, **kwargs)
+        self.used += 1
         # Duck-typed: aiormq uses write, drain, close, is_closing, write_eof and transport;
         # readexactly, read and at_eof.
         return (
@@ -260,4 +263,13 @@ class CoalescingConnection(aio_pika.Connection):
 
     def __init__(self, url: URL, *args: Any, **kwargs: Any) -> None:
         super().__init__(url, *args, **kwargs)
-        self.kwargs["transport_factory"] = CoalescingTransportFactory(URL(url).scheme == "amqps")
+        # aio-pika passes its `kwargs` on to aiormq's connect (not a public hook: `in_place`
+        # checks, on every connection, that the factory was used).
+        self.factory = CoalescingTransportFactory(URL(url).scheme == "amqps")
+        self.kwargs["transport_factory"] = self.factory
+
+
+def in_place(connection: object) -> bool:
+    """Whether an open connection reads and writes through this module (frame guard and
+    coalescing writer): False if aio-pika or aiormq stopped passing the factory on."""
+    return isinstance(connection, CoalescingConnection) and connection.factory.used > 0
