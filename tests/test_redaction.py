@@ -284,10 +284,12 @@ def test_log_records_errors_and_exceptions_hide_passwords() -> None:
 
 
 async def test_replies_and_events_never_show_a_password(
-    daemon: RunningDaemon, client: Client, settings: Settings
+    daemon: RunningDaemon, client: Client, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A rejected request that quotes a URL and a job whose handler fails with one: the
-    reply, `status`, the events and /metrics hold no password."""
+    reply, `status`, the events, /metrics and the log records hold no password (the records
+    as any formatter shows them: a worker embedded in an application logs through its own)."""
+    caplog.set_level(logging.INFO)
     pw = secret()
     url = amqp_url(5672, pw)
     rejected = await client.call(
@@ -335,3 +337,5 @@ async def test_replies_and_events_never_show_a_password(
     writer.close()
     assert "jlm_requests_total" in metrics
     assert metrics.count(pw) == 0
+    assert "cannot reach amqp://jlm:***@" in caplog.text  # the worker's "attempt 1 failed" line
+    assert caplog.text.count(pw) == 0

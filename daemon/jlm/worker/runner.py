@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -169,16 +170,19 @@ class JobRunner:
             return "failed", "CancelledError: the handler's task was cancelled"
         exc = task.exception()
         if exc is not None:
+            # Passwords hidden in what is logged (the traceback in the message: a worker embedded
+            # in an application logs through that application's formatters, which hide nothing)
+            # and in the error kept on the job's record, its event and `status`.
+            shown = redact_url(f"{type(exc).__name__}: {exc}")
             log.warning(
-                "job %s attempt %d failed: %s",
+                "job %s attempt %d failed: %s\n%s",
                 self._job.id,
                 self._job.attempt,
-                exc,
-                exc_info=exc,
+                shown,
+                redact_url("".join(traceback.format_exception(exc))).rstrip(),
                 extra=job_extra(self._job),
             )
-            # The error goes to the job's record, its event and `status`: passwords hidden.
-            return "failed", redact_url(f"{type(exc).__name__}: {exc}")[:2000]
+            return "failed", shown[:2000]
         try:
             return "succeeded", orjson.dumps(task.result()).decode()
         except TypeError as exc:
