@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 from tests.amqp_helpers import read_stream
-from tests.conftest import RunningDaemon, start_daemon
 from tests.scheduled_helpers import JobWatcher
+from tests.support.services import RunningDaemon, start_daemon
 
 from jlm.client import Client
 from jlm.config import Settings

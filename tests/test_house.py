@@ -7,6 +7,7 @@ Read from the source with `ast`, module-level and function-level imports alike; 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,8 @@ def test_no_function_over_60_lines_outside_the_exceptions() -> None:
     assert not over, f"functions over {MAX_FUNCTION_LINES} lines: {over}"
     gone = LONG_FUNCTIONS - set(lengths)
     assert not gone, f"exceptions for functions that no longer exist: {gone}"
+    # The decision path reads in one screen: the script call, the reply and the events apart.
+    assert lengths["jlm.lifecycle.Lifecycle.manage"] < 50
 
 
 def test_lifecycle_is_free_of_amqp() -> None:
@@ -275,3 +278,14 @@ def test_one_version() -> None:
     compose = yaml.safe_load((root / "deploy" / "docker-compose.yml").read_text())
     assert compose["x-jlm-image"]["image"] == f"job-lifecycle-manager:{version}"
     assert f"job-lifecycle-manager:{version} ." in (root / "deploy" / "Dockerfile").read_text()
+
+
+def test_tests_take_shared_helpers_from_support_not_conftest() -> None:
+    here = Path(__file__)
+    found = [
+        str(p.relative_to(here.parent))
+        for p in here.parent.rglob("*.py")
+        if p != here
+        and re.search(r"^from tests\.conftest import|^import tests\.conftest", p.read_text(), re.M)
+    ]
+    assert not found, f"import tests/support instead of tests.conftest in: {found}"

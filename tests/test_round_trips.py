@@ -9,8 +9,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
-from tests.conftest import start_daemon
 from tests.support.redis_server import RedisServer
+from tests.support.services import start_daemon
 
 from jlm.client import Client
 from jlm.config import Settings

@@ -60,6 +60,27 @@ class Outcome:
     record: str | None = None
 
 
+def manage_reply(f: ManageFacts, result: bytes | None) -> dict[str, Any]:
+    """The reply to a `manage` decided (or replayed) as `f`; `result` is a `reuse` hit's."""
+    reply: dict[str, Any] = {
+        "success": True,
+        "new_job_id": f.job_id,
+        "stale_cancelled": f.stale_cancelled,
+        "running_cancelled": f.running_cancelled,  # cancel_running stopped the running job
+        "cache_invalidated": f.cache_invalidated,
+        "previous_job_id": f.previous_job_id,
+        "provenance_id": f.provenance_id,
+        "deduplicated": f.decision == "deduplicated",
+        "state": f.state,
+    }
+    if f.due_ms is not None:
+        reply["due_at"] = ms_iso(f.due_ms)
+    if f.why == "reuse":
+        # The record names the result's job; a replay reads the result again (null once gone).
+        reply["result"] = None if result is None else orjson.loads(result)
+    return reply
+
+
 class Lifecycle:
     """enqueue → deduplicate → track → cancel → invalidate, as calls of the store."""
 
@@ -160,22 +181,7 @@ class Lifecycle:
         f = decision.facts
         if f.scheduled and f.due_ms is not None and decision.job_state in (None, "scheduled"):
             await self._due.add(f.job_id, f.due_ms)  # a replay adds it again: a crash came between
-        reply: dict[str, Any] = {
-            "success": True,
-            "new_job_id": f.job_id,
-            "stale_cancelled": f.stale_cancelled,
-            "running_cancelled": f.running_cancelled,  # cancel_running stopped the running job
-            "cache_invalidated": f.cache_invalidated,
-            "previous_job_id": f.previous_job_id,
-            "provenance_id": f.provenance_id,
-            "deduplicated": f.decision == "deduplicated",
-            "state": f.state,
-        }
-        if f.due_ms is not None:
-            reply["due_at"] = ms_iso(f.due_ms)
-        if f.why == "reuse":
-            # The record names the result's job; a replay reads the result again (null once gone).
-            reply["result"] = None if decision.result is None else orjson.loads(decision.result)
+        reply = manage_reply(f, decision.result)
         out = Outcome(reply, replayed=decision.replayed)
         out.events = manage_events(
             f,

@@ -8,5 +8,7 @@
 --
 -- Returns 1.
 
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+local job_id, due = ARGV[1], ARGV[2]
+
+redis.call('ZADD', KEYS[1], due, job_id)
 return 1

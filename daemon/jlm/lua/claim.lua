@@ -30,12 +30,7 @@
 local owner, now, lease_ms, max_attempts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local bound, ttl, terminal_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 
--- A history entry (prelude.lua), the job's TTL renewed with it: as long as state `st` keeps a job.
-local function job_note(st, reason)
-  local keep = ttl_of(st, ttl, terminal_ttl)
-  note(KEYS[2], st, now, reason, bound, keep)
-  redis.call('EXPIRE', KEYS[1], keep)
-end
+local job_note = job_noter(KEYS[1], KEYS[2], now, bound, ttl, terminal_ttl)
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'job_type', 'cache_prefix', 'priority',
   'request_id', 'attempt', 'owner', 'lease_until', 'superseded_by', 'claim', 'max_attempts',

@@ -37,12 +37,7 @@ local value, result_ttl, max_attempts, job_id = ARGV[5], ARGV[6], ARGV[7], ARGV[
 local bound, ttl, stop_note = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
 local terminal_ttl = ARGV[12]
 
--- A history entry (prelude.lua), the job's TTL renewed with it: as long as state `st` keeps a job.
-local function job_note(st, reason)
-  local keep = ttl_of(st, ttl, terminal_ttl)
-  note(KEYS[2], st, now, reason, bound, keep)
-  redis.call('EXPIRE', KEYS[1], keep)
-end
+local job_note = job_noter(KEYS[1], KEYS[2], now, bound, ttl, terminal_ttl)
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',
   'cancel_requested', 'request_id', 'gen')

@@ -52,6 +52,7 @@ local job_type, cache_prefix, priority, request_id = ARGV[10], ARGV[11], ARGV[12
 local pid, channel, bound = ARGV[14], ARGV[15], tonumber(ARGV[16])
 local digest, bind, session = ARGV[17], ARGV[18], ARGV[19]
 local terminal_ttl = ARGV[20]
+local max_attempts, result_ttl, retry_backoff, job_queue = ARGV[21], ARGV[22], ARGV[23], ARGV[24]
 local sched = schedule_of(ARGV[25])
 
 local replay = recorded(record_it, KEYS[6], KEYS[3], digest, bind, session, function(facts)
@@ -177,8 +178,8 @@ end
 redis.call('HSET', KEYS[4], 'state', state, 'job_type', job_type, 'cache_prefix', cache_prefix,
   'priority', priority, 'created_at', now, 'updated_at', now, 'attempt', 0,
   'request_id', request_id, 'requested_at', at)
-redis.call('HSET', KEYS[4], 'max_attempts', ARGV[21], 'result_ttl', ARGV[22],
-  'retry_backoff', ARGV[23], 'queue', ARGV[24])
+redis.call('HSET', KEYS[4], 'max_attempts', max_attempts, 'result_ttl', result_ttl,
+  'retry_backoff', retry_backoff, 'queue', job_queue)
 if due then
   hold(KEYS[4], sched, due, now_ms)
 end

@@ -26,3 +26,13 @@ local function ttl_of(state, job_ttl, terminal_ttl)
   end
   return tonumber(job_ttl)
 end
+
+-- job_note(state, reason) for one job: a history entry (`note`), and the job's TTL renewed with
+-- it: as long as that state keeps a job (`ttl_of`).
+local function job_noter(job, history, at, bound, job_ttl, terminal_ttl)
+  return function(st, reason)
+    local keep = ttl_of(st, job_ttl, terminal_ttl)
+    note(history, st, at, reason, bound, keep)
+    redis.call('EXPIRE', job, keep)
+  end
+end

@@ -21,12 +21,7 @@
 local owner, claim, now, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local bound, ttl, terminal_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
 
--- A history entry (prelude.lua), the job's TTL renewed with it: as long as state `st` keeps a job.
-local function job_note(st, reason)
-  local keep = ttl_of(st, ttl, terminal_ttl)
-  note(KEYS[2], st, now, reason, bound, keep)
-  redis.call('EXPIRE', KEYS[1], keep)
-end
+local job_note = job_noter(KEYS[1], KEYS[2], now, bound, ttl, terminal_ttl)
 
 local j = redis.call('HMGET', KEYS[1], 'state', 'owner', 'claim', 'attempt', 'superseded_by',
   'cancel_requested', 'request_id')
