@@ -52,7 +52,8 @@ class CancelListener:
         tried = 0
         url = self.settings.redis_url
         while True:
-            client = redis_client(self.settings, False, url)
+            # No reconnect attempts inside redis-py: a dead node is left for the next at once.
+            client = redis_client(self.settings, False, url, retry=False)
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self._keys.cancel_channel)

@@ -143,11 +143,14 @@ class WorkerStore:
         )
 
 
-def redis_client(settings: Settings, cluster: bool, url: str | None = None) -> RedisClient:
+def redis_client(
+    settings: Settings, cluster: bool, url: str | None = None, *, retry: bool = True
+) -> RedisClient:
     """A client of the configured Redis (or of the node at `url`), with the configured TLS."""
     return connect(
         url or settings.redis_url,
         cluster=cluster,
+        retry=retry,
         ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None,
         cert_file=str(settings.tls_cert_file) if settings.tls_cert_file else None,
         key_file=str(settings.tls_key_file) if settings.tls_key_file else None,
