@@ -39,7 +39,7 @@ def _collect_garbage_per_module() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A Redis of the module's own, for property tests that read back or delete every key of an
     example: a SCAN of the shared server walks whatever the rest of the suite left there."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))

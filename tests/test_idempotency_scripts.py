@@ -418,9 +418,9 @@ STEP = st.tuples(
 )
 @given(steps=st.lists(STEP, min_size=1, max_size=30), cluster=st.booleans())
 def test_any_interleaving_decides_once_and_publishes_once(
-    settings: Settings, own_redis: RedisServer, steps: list[tuple[str, int]], cluster: bool
+    settings: Settings, module_redis: RedisServer, steps: list[tuple[str, int]], cluster: bool
 ) -> None:
-    update = {"redis_cluster": cluster, "redis_url": own_redis.url}
+    update = {"redis_cluster": cluster, "redis_url": module_redis.url}
     asyncio.run(_interleave(settings.model_copy(update=update), steps))
 
 

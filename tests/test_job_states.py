@@ -55,9 +55,9 @@ def test_no_terminal_state_has_a_way_out() -> None:
 )
 @given(STEPS)
 def test_random_steps_keep_the_state_machine(
-    settings: Settings, own_redis: RedisServer, steps: list[tuple[str, int, str, str | None]]
+    settings: Settings, module_redis: RedisServer, steps: list[tuple[str, int, str, str | None]]
 ) -> None:
-    asyncio.run(_run(settings.model_copy(update={"redis_url": own_redis.url}), steps))
+    asyncio.run(_run(settings.model_copy(update={"redis_url": module_redis.url}), steps))
 
 
 async def _run(settings: Settings, steps: list[tuple[str, int, str, str | None]]) -> None:

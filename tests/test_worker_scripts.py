@@ -334,10 +334,10 @@ FINAL = ("succeeded", "failed", "cancelled")
 )
 @given(ops=OPS)
 def test_any_interleaving_keeps_the_invariants(
-    settings: Settings, own_redis: RedisServer, ops: list[tuple]
+    settings: Settings, module_redis: RedisServer, ops: list[tuple]
 ) -> None:
     if not settings.redis_cluster:  # the cluster module runs it on its own cluster
-        settings = settings.model_copy(update={"redis_url": own_redis.url})
+        settings = settings.model_copy(update={"redis_url": module_redis.url})
     asyncio.run(_interleave(settings, ops))
 
 

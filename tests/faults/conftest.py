@@ -59,6 +59,8 @@ def spawn(tmp_path: Path, namespace: str) -> Iterator[DaemonFactory]:
     yield make
     for d in made:
         d.kill()
+        # Shown by pytest for a failing test only ("Captured stdout teardown").
+        print(f"--- daemon {d.name}, last lines of its log\n{d.tail(60)}")
 
 
 @pytest.fixture
