@@ -223,26 +223,8 @@ class Broker(AmqpSession):
                 # the decision is recorded, so its job waits for the queue, retried.
                 raise Unavailable(exc.message, "rabbitmq") from exc
             # The same properties aio_pika.Message would build, without its per-message cost.
-            props = Basic.Properties(
-                content_type=JSON,
-                headers=dict(headers),
-                delivery_mode=2,
-                priority=job.priority,
-                message_id=job.job_id,
-            )
-            job_out = Outgoing(JOBS, job.job_type, orjson.dumps(job.body()), props, True)
-            await self.publish_confirmed([job_out], done)
-        messages: list[Outgoing] = []
-        for event in events:
-            props = Basic.Properties(
-                content_type=JSON,
-                headers=dict(headers),
-                delivery_mode=2,
-                priority=0,
-                message_id=event.provenance_id,
-                message_type=event.type,
-            )
-            messages.append(Outgoing(EVENTS, event.type, orjson.dumps(event.body()), props, True))
+            await self.publish_confirmed([Outgoing.job(job, dict(headers))], done)
+        messages = [Outgoing.event(event, dict(headers)) for event in events]
         await self.publish_confirmed(messages, done)
         self._metrics.publish_confirm_duration.observe(time.perf_counter() - started)
 
@@ -258,34 +240,13 @@ class Broker(AmqpSession):
                 await self.ensure_job_queue(queue, job_type)
             except QueueRefused as exc:
                 raise Unavailable(exc.message, "rabbitmq") from exc
-        out = []
-        for job, _ in jobs:
-            props = Basic.Properties(
-                content_type=JSON,
-                headers={},
-                delivery_mode=2,
-                priority=job.priority,
-                message_id=job.job_id,
-            )
-            out.append(Outgoing(JOBS, job.job_type, orjson.dumps(job.body()), props, True))
+        out = [Outgoing.job(job, {}) for job, _ in jobs]
         failure: Exception | None = None
         try:
             await self.publish_confirmed(out, done)
         except Unavailable as exc:
             failure = exc
-        messages = []
-        for event in events:
-            if event.job_id not in done:
-                continue
-            props = Basic.Properties(
-                content_type=JSON,
-                headers={},
-                delivery_mode=2,
-                priority=0,
-                message_id=event.provenance_id,
-                message_type=event.type,
-            )
-            messages.append(Outgoing(EVENTS, event.type, orjson.dumps(event.body()), props, True))
+        messages = [Outgoing.event(e, {}) for e in events if e.job_id in done]
         await self.publish_confirmed(messages, done)
         if failure is not None:
             raise failure

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from jlm.client_errors import JobCancelled, JobFailed, JobTimeout, ResultGone
 from jlm.messages import CancelReply, JobStatus
+from jlm.retry import Backoff
 
 if TYPE_CHECKING:
     from jlm.client import JobsClient
@@ -36,15 +37,14 @@ class Job:
         """The job's status once it is final (succeeded, failed, cancelled); JobTimeout if it is
         not within `timeout` seconds (None: wait as long as it takes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.05
+        polls = Backoff(0.05, 1.0)  # quick for short jobs, once a second for long ones
         while True:
             status = await self.status()
             if status.state in FINAL:
                 return status
-            if deadline is not None and time.monotonic() + delay > deadline:
+            if deadline is not None and time.monotonic() + polls.delay > deadline:
                 raise JobTimeout(f"job {self.id} is still {status.state} after {timeout:g}s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            await asyncio.sleep(polls.next())
 
     async def result(self, timeout: float | None = None) -> Any:
         """The job's result once it succeeded (the scope's cached result, if still its own).

@@ -7,9 +7,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
+import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -20,8 +21,13 @@ from aiormq.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp.commands import Basic
 
 from jlm.amqp.connect import connect_first, why
+from jlm.amqp.names import EVENTS, JOBS, JSON
 from jlm.config import Settings
 from jlm.errors import Unavailable
+
+if TYPE_CHECKING:
+    from jlm.protocol import JobMessage
+    from jlm.provenance import Event
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,33 @@ class Outgoing:
     @property
     def message_id(self) -> str:
         return self.properties.message_id or ""
+
+    @classmethod
+    def job(cls, job: JobMessage, headers: dict[str, Any]) -> Outgoing:
+        """A job message on jlm.jobs, routed by its type: persistent, at its priority, with its
+        job id as message id; mandatory (a job no queue takes is a failure)."""
+        props = Basic.Properties(
+            content_type=JSON,
+            headers=headers,
+            delivery_mode=2,
+            priority=job.priority,
+            message_id=job.job_id,
+        )
+        return cls(JOBS, job.job_type, orjson.dumps(job.body()), props, True)
+
+    @classmethod
+    def event(cls, event: Event, headers: dict[str, Any], *, mandatory: bool = True) -> Outgoing:
+        """A provenance event on jlm.events, routed by its type: persistent, with its
+        provenance id as message id and its type as message type."""
+        props = Basic.Properties(
+            content_type=JSON,
+            headers=headers,
+            delivery_mode=2,
+            priority=0,
+            message_id=event.provenance_id,
+            message_type=event.type,
+        )
+        return cls(EVENTS, event.type, orjson.dumps(event.body()), props, mandatory)
 
 
 async def raw_channel(channel: AbstractChannel | None) -> aiormq.Channel:

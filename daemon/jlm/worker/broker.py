@@ -9,7 +9,6 @@ from functools import partial
 from typing import Any
 
 import aio_pika
-import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
@@ -124,15 +123,7 @@ class WorkerBroker(AmqpSession):
     async def publish_event(self, event: Event) -> None:
         """Persistent and confirmed. Not mandatory: before any daemon declared the provenance
         stream nothing is bound to jlm.events, and a worker must not stop for that."""
-        props = Basic.Properties(
-            content_type=JSON,
-            headers=_trace_headers(),
-            delivery_mode=2,
-            priority=0,
-            message_id=event.provenance_id,
-            message_type=event.type,
-        )
-        await self._publish(Outgoing(EVENTS, event.type, orjson.dumps(event.body()), props, False))
+        await self._publish(Outgoing.event(event, _trace_headers(), mandatory=False))
 
     async def publish_job(
         self, body: bytes, job_id: str, job_type: str, priority: int, gen: int
