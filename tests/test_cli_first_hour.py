@@ -27,6 +27,7 @@ from tests.security_helpers import (
 from tests.support.daemon import ROOT, DaemonProcess, env_for
 from tests.support.ports import free_port
 from tests.support.services import AMQP_BASE, start_daemon
+from tests.support.tools import require_tool
 
 from jlm.amqp.names import REQUESTS
 from jlm.cli.output import describe
@@ -399,7 +400,7 @@ def test_completion_scripts_load_and_complete() -> None:
 def test_completion_script_loads_in_zsh() -> None:
     loaded = subprocess.run(
         [
-            "zsh",
+            require_tool("zsh", "zsh"),
             "-c",
             f"source <({sys.executable} -m jlm completion zsh) && print -r -- ${{_comps[jlm]}}",
         ],

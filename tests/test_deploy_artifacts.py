@@ -12,7 +12,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import time
 import tomllib
@@ -25,6 +24,7 @@ import pytest
 import redis
 import yaml
 from redis.exceptions import AuthenticationError, NoPermissionError
+from tests.support.tools import require_tool
 
 from jlm.config import OPERATIONS, Settings, load_file
 from jlm.metrics import Metrics
@@ -60,16 +60,6 @@ PROMQL_WORDS = frozenset(
 _STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _SELECTOR = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
-
-
-def require_tool(name: str, package: str) -> str:
-    """The tool's path; a missing tool fails the test, naming the Debian package to install."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(
-            f"`{name}` is not installed: apt-get install -y --no-install-recommends {package}"
-        )
-    return path
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -330,7 +330,11 @@ async def test_manage_with_cancel_running_stops_the_running_job(env: Env) -> Non
         old = await env.submit("c2", payload={"seconds": 5, "v": "old"})
         await until(lambda: env.started(old), 10, "the handler to start")
         t0 = time.monotonic()
-        new = await env.submit("c2", payload={"seconds": 0, "v": "new"}, cancel_running=True)
+        body = {"job_type": JOB_TYPE, "cache_prefix": "c2", "cancel_running": True}
+        reply = await env.client.call("manage", body | {"payload": {"seconds": 0, "v": "new"}})
+        # The reply says the running job was stopped (and which), not only that a job was made.
+        assert (reply["running_cancelled"], reply["previous_job_id"]) == (True, old), reply
+        new = str(reply["new_job_id"])
         await until(lambda: env.history_has(old, "stopped by worker"), 2, "the stop")
         assert time.monotonic() - t0 < 2.0
         await until(lambda: env.status_is(new, "succeeded"), 10, "the new job")
