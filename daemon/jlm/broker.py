@@ -222,7 +222,6 @@ class Broker(AmqpSession):
                 # Declared before the decision; refused now (deleted since, and over a limit):
                 # the decision is recorded, so its job waits for the queue, retried.
                 raise Unavailable(exc.message, "rabbitmq") from exc
-            # The same properties aio_pika.Message would build, without its per-message cost.
             await self.publish_confirmed([Outgoing.job(job, dict(headers))], done)
         messages = [Outgoing.event(event, dict(headers)) for event in events]
         await self.publish_confirmed(messages, done)
