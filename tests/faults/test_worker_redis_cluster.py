@@ -13,9 +13,7 @@ subscribed on dies, the worker subscribes on another node and the push still sto
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -355,14 +353,3 @@ async def test_the_cancel_channel_moves_to_another_node_when_its_node_dies(
         await daemon.stop()
         await client.aclose()
         cluster.stop()
-        collect_dropped_cluster_nodes()
-
-
-def collect_dropped_cluster_nodes() -> None:
-    """redis-py drops a dead node's `ClusterNode` from its topology without closing the
-    connections it had in use (redis/redis-py#4053): the daemon's client and this test's both
-    hold such sockets once node 0 is killed. They are collected here, where they are known to
-    be that library's, instead of in whichever later test the garbage collector runs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
