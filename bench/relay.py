@@ -65,7 +65,7 @@ async def relay(prefetch: int, echo: bool, contract: bool) -> None:
                 priority=5,
                 message_id=message.message_id,
             )
-            out = Outgoing(JOBS, RELAY_KEY, message.body, props, True)
+            out = Outgoing.of(JOBS, RELAY_KEY, message.body, props, True)
             await broker.publish_confirmed([out], set())
         else:
             request = orjson.loads(message.body)

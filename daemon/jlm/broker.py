@@ -27,6 +27,7 @@ from aiormq.exceptions import (
 from pamqp import encode as amqp_encode
 from pamqp.commands import Basic
 
+from jlm.amqp import lean
 from jlm.amqp.connect import why
 from jlm.amqp.names import DEAD, EVENTS, JOBS, JSON, PROVENANCE, REQUESTS
 from jlm.amqp.session import AmqpSession, Callback, Outgoing, cancelled_here, raw_channel
@@ -54,6 +55,7 @@ class Broker(AmqpSession):
         super().__init__(settings, "jlm daemon")
         self._metrics = metrics
         self._reply_ch: AbstractChannel | None = None
+        self._lean_reply: lean.LeanChannel | None = None
         self._jobs: AbstractExchange | None = None
         self._events: AbstractExchange | None = None
         self._dead: AbstractExchange | None = None
@@ -69,6 +71,7 @@ class Broker(AmqpSession):
         # it ends the session, and the next one declares the topology again.
         for ch in (self._consume_ch, self._publish_ch, self._reply_ch):
             ch.close_callbacks.add(lambda *_: self.closed.set())
+        self._lean_reply = await self.lean_channel(self._reply_ch)
         await self.declare_topology()
         await self._declare_configured_job_queues()
 
@@ -289,7 +292,7 @@ class Broker(AmqpSession):
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             type=message.type,
         )
-        dead = Outgoing(DEAD, message.routing_key or "", msg.body, msg.properties, False)
+        dead = Outgoing.of(DEAD, message.routing_key or "", msg.body, msg.properties, False)
         await self.publish_confirmed([dead], set())
 
     async def reply(
@@ -307,20 +310,30 @@ class Broker(AmqpSession):
             log.warning("reply_to %r names a jlm.* queue: reply not sent", reply_to[:100])
             return
         assert self._reply_ch is not None
-        props = Basic.Properties(
-            content_type=JSON,
-            headers=dict(headers or {}),
-            delivery_mode=1,
-            priority=0,
-            correlation_id=correlation_id,
-        )
+        body_bytes = orjson.dumps(body)
         try:
-            # Queued behind nothing but earlier frames: the ack that follows leaves after it.
-            channel = await raw_channel(self._reply_ch)
-            await channel.basic_publish(
-                orjson.dumps(body), routing_key=reply_to, properties=props, wait=False
-            )
-        except (AMQPError, OSError, RuntimeError) as exc:
+            # Written behind nothing but earlier frames: the ack that follows leaves after it.
+            if self._lean_reply is not None:
+                props = lean.properties(
+                    content_type=JSON, headers=dict(headers or {}), delivery_mode=1, priority=0,
+                    correlation_id=correlation_id,
+                )  # fmt: skip
+                self._lean_reply.publish("", reply_to, body_bytes, props)
+            else:
+                channel = await raw_channel(self._reply_ch)
+                await channel.basic_publish(
+                    body_bytes,
+                    routing_key=reply_to,
+                    properties=Basic.Properties(
+                        content_type=JSON,
+                        headers=dict(headers or {}),
+                        delivery_mode=1,
+                        priority=0,
+                        correlation_id=correlation_id,
+                    ),
+                    wait=False,
+                )
+        except (AMQPError, OSError, RuntimeError, ValueError) as exc:
             log.warning("reply to %s not sent: %s", reply_to[:100], why(exc))
 
     async def queue_depths(self, names: list[str]) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -20,8 +21,10 @@ from aio_pika.abc import (
 from aiormq.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp.commands import Basic
 
+from jlm.amqp import lean
 from jlm.amqp.connect import connect_first, why
 from jlm.amqp.names import EVENTS, JOBS, JSON
+from jlm.amqp.transport import CoalescingConnection, CoalescingWriter
 from jlm.config import Settings
 from jlm.errors import Unavailable
 
@@ -39,37 +42,43 @@ Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One message to publish with a confirm. `job` and `event` build the daemon's and the
-    workers' messages with the properties aio_pika.Message would, without its per-message cost."""
+    """One message to publish with a confirm, its properties encoded (`jlm.amqp.lean`). `job`
+    and `event` build the daemon's and the workers' messages with the properties aio_pika.Message
+    would, encoded without building them; `of` takes any `Basic.Properties`."""
 
     exchange: str
     routing_key: str
     body: bytes
-    properties: Basic.Properties
+    header: bytes  # the encoded properties
     mandatory: bool
+    message_id: str
 
-    @property
-    def message_id(self) -> str:
-        return self.properties.message_id or ""
+    @classmethod
+    def of(
+        cls, exchange: str, routing_key: str, body: bytes, properties: Basic.Properties,
+        mandatory: bool,
+    ) -> Outgoing:  # fmt: skip
+        return cls(exchange, routing_key, body, lean.encoded(properties), mandatory,
+                   properties.message_id or "")  # fmt: skip
 
     @classmethod
     def job(cls, job: JobMessage, headers: dict[str, Any]) -> Outgoing:
         """A job message on jlm.jobs, routed by its type: persistent, at its priority, with its
         job id as message id; mandatory (a job no queue takes is a failure)."""
-        props = Basic.Properties(
+        header = lean.properties(
             content_type=JSON,
             headers=headers,
             delivery_mode=2,
             priority=job.priority,
             message_id=job.job_id,
         )
-        return cls(JOBS, job.job_type, orjson.dumps(job.body()), props, True)
+        return cls(JOBS, job.job_type, orjson.dumps(job.body()), header, True, job.job_id)
 
     @classmethod
     def event(cls, event: Event, headers: dict[str, Any], *, mandatory: bool = True) -> Outgoing:
         """A provenance event on jlm.events, routed by its type: persistent, with its
         provenance id as message id and its type as message type."""
-        props = Basic.Properties(
+        header = lean.properties(
             content_type=JSON,
             headers=headers,
             delivery_mode=2,
@@ -77,7 +86,14 @@ class Outgoing:
             message_id=event.provenance_id,
             message_type=event.type,
         )
-        return cls(EVENTS, event.type, orjson.dumps(event.body()), props, mandatory)
+        body = orjson.dumps(event.body())
+        return cls(EVENTS, event.type, body, header, mandatory, event.provenance_id)
+
+    def properties(self) -> Basic.Properties:
+        """The properties as pamqp objects (aiormq's own publish path)."""
+        props = Basic.Properties()
+        props.unmarshal(struct.unpack(">H", self.header[:2])[0], self.header[2:])
+        return props
 
 
 async def raw_channel(channel: AbstractChannel | None) -> aiormq.Channel:
@@ -109,6 +125,10 @@ class AmqpSession:
         self._consume_queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self.closed = asyncio.Event()
+        # The lean publish and ack path (`jlm.amqp.lean`), where the channel allows it.
+        self._lean_publish: lean.LeanChannel | None = None
+        self._acks: lean.Acks | None = None
+        self._acks_channel: aiormq.Channel | None = None
 
     async def open(self) -> None:
         """Connect to the first node that answers and set the session up; Unavailable if not."""
@@ -117,6 +137,11 @@ class AmqpSession:
         conn.close_callbacks.add(lambda *_: self.closed.set())
         try:
             await self._setup(conn)
+            self._lean_publish = await self.lean_channel(self._publish_ch)
+            writer = self._writer()
+            if writer is not None and await self.lean_channel(self._consume_ch):
+                self._acks_channel = await raw_channel(self._consume_ch)
+                self._acks = lean.Acks(self._acks_channel.number, writer.write, writer.is_closing)
         except Unavailable:
             await self.close()
             raise
@@ -129,6 +154,28 @@ class AmqpSession:
     async def _setup(self, conn: AbstractConnection) -> None:
         """Open the channels and declare (or look up) what the session uses."""
         raise NotImplementedError
+
+    async def lean_channel(self, channel: AbstractChannel | None) -> lean.LeanChannel | None:
+        """The lean path on a channel of this session; None (after an ERROR naming what is
+        missing) if the AMQP library under it no longer offers what it needs."""
+        if channel is None:
+            return None
+        raw = await raw_channel(channel)
+        writer = self._writer()
+        gaps = lean.missing(raw) + ([] if writer is not None else ["the coalescing writer"])
+        if gaps:
+            log.error(
+                "the lean AMQP path is not in use (%s lacks %s): publishes take aiormq's slower "
+                "path; jlm is tested with %s (pyproject.toml)",
+                lean.versions(), ", ".join(gaps), "the pinned releases",
+            )  # fmt: skip
+            return None
+        assert writer is not None
+        return lean.LeanChannel(raw, writer.write, writer.is_closing)
+
+    def _writer(self) -> CoalescingWriter | None:
+        conn = self.connection
+        return conn.factory.writer if isinstance(conn, CoalescingConnection) else None
 
     async def _start_consuming(self, callback: Callback) -> None:
         assert self._consume_queue is not None
@@ -157,39 +204,38 @@ class AmqpSession:
     def _returned(self) -> None:
         """A mandatory message came back unroutable (the daemon forgets its declarations)."""
 
-    async def _confirmed(
-        self,
-        exchange: str,
-        body: bytes,
-        properties: Basic.Properties,
-        routing_key: str,
-        mandatory: bool,
-    ) -> None:
+    async def _confirmed(self, m: Outgoing) -> None:
         """Publish one message and wait for its confirm (callers bound the wait)."""
         try:
-            # aiormq directly, without waiting for the frame to reach the socket (`wait=False`):
-            # the confirm is what we wait for. Measured: see bench/RESULTS.md.
-            channel = await raw_channel(self._publish_ch)
-            confirm = await channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=mandatory,
-                wait=False,
-            )
+            if self._lean_publish is not None:
+                confirm_of = self._lean_publish.publish(
+                    m.exchange, m.routing_key, m.body, m.header,
+                    mandatory=m.mandatory, message_id=m.message_id,
+                )  # fmt: skip
+                confirm = await confirm_of if confirm_of is not None else None
+            else:
+                # aiormq's own path, without waiting for the frame to reach the socket.
+                channel = await raw_channel(self._publish_ch)
+                confirm = await channel.basic_publish(
+                    m.body,
+                    exchange=m.exchange,
+                    routing_key=m.routing_key,
+                    properties=m.properties(),
+                    mandatory=m.mandatory,
+                    wait=False,
+                )
         except PublishError as exc:
             # Returned: nothing is bound for it (e.g. the job queue was deleted).
             self._returned()
             raise Unavailable(
-                f"rabbitmq: unroutable message to {exchange}/{routing_key}",
+                f"rabbitmq: unroutable message to {m.exchange}/{m.routing_key}",
                 "rabbitmq",
             ) from exc
         except (DeliveryError, AMQPError, OSError, RuntimeError) as exc:
             raise Unavailable(f"rabbitmq: publish failed: {why(exc)}", "rabbitmq") from exc
         if not isinstance(confirm, Basic.Ack):
             raise Unavailable(
-                f"rabbitmq: broker refused a message to {exchange}/{routing_key}",
+                f"rabbitmq: broker refused a message to {m.exchange}/{m.routing_key}",
                 "rabbitmq",
             )
 
@@ -226,20 +272,25 @@ class AmqpSession:
 
     async def _confirm_one(self, m: Outgoing) -> BaseException | None:
         try:
-            await self._confirmed(m.exchange, m.body, m.properties, m.routing_key, m.mandatory)
+            await self._confirmed(m)
         except Unavailable as exc:
             return exc
         return None
 
-    @staticmethod
-    async def ack(message: AbstractIncomingMessage) -> None:
-        """Ack a delivery on its own channel, without waiting for the frame to reach the socket.
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack a delivery, without waiting for the frame to reach the socket: on the consume
+        channel by the lean path (`lean.Acks`: one `multiple` ack for a turn's run), elsewhere on
+        its own channel.
 
         The ack follows the reply's frames on the connection. Lost with the connection, the
         request is redelivered and its recorded decision replayed.
         """
         assert message.delivery_tag is not None
-        await message.channel.basic_ack(message.delivery_tag, wait=False)
+        raw = message.channel  # aiormq's channel
+        if self._acks is not None and raw is self._acks_channel:
+            self._acks.ack(message.delivery_tag)
+        else:
+            await raw.basic_ack(message.delivery_tag, wait=False)
 
     async def close(self) -> None:
         if self.connection is not None and not self.connection.is_closed:

@@ -241,17 +241,19 @@ class CoalescingTransportFactory(aiormq.TransportFactory):
             else aiormq.connection.TCPTransportFactory()
         )
         self.used = 0
+        self.writer: CoalescingWriter | None = None  # of the last transport made (`jlm.amqp.lean`)
 
     async def create(
         self, url: URL, **kwargs: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self._inner.create(url, **kwargs)
         self.used += 1
+        self.writer = CoalescingWriter(writer)
         # Duck-typed: aiormq uses write, drain, close, is_closing, write_eof and transport;
         # readexactly, read and at_eof.
         return (
             cast(asyncio.StreamReader, FrameGuardReader(reader)),
-            cast(asyncio.StreamWriter, CoalescingWriter(writer)),
+            cast(asyncio.StreamWriter, self.writer),
         )
 
 

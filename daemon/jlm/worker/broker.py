@@ -136,7 +136,7 @@ class WorkerBroker(AmqpSession):
             priority=priority,
             message_id=job_id,
         )
-        await self._publish(Outgoing(JOBS, job_type, body, props, True))
+        await self._publish(Outgoing.of(JOBS, job_type, body, props, True))
 
 
 def _trace_headers() -> dict[str, Any]:
