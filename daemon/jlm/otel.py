@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -63,6 +64,26 @@ def configure() -> None:
 
 
 _tracers: dict[int, Any] = {}
+# The global provider: a real one is set once and for all (the API refuses a second), so it is
+# kept once seen; while there is none, the API is asked again at most once a second (asking
+# reads os.environ: a few per cent of the daemon's CPU when done per request).
+_global: Any = None
+_global_checked = -1.0
+
+
+def _global_provider() -> Any:
+    global _global, _global_checked
+    if _global is not None:
+        return _global
+    now = time.monotonic()
+    if now - _global_checked < 1.0:
+        return None
+    _global_checked = now
+    provider = otel_trace.get_tracer_provider()
+    if isinstance(provider, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider):
+        return None
+    _global = provider
+    return provider
 
 
 def _tracer() -> Any:
@@ -70,8 +91,10 @@ def _tracer() -> Any:
     default provider, before any is set), so that a span then costs nothing."""
     if otel_trace is None:
         return None
-    provider = _provider if _provider is not None else otel_trace.get_tracer_provider()
-    if isinstance(provider, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider):
+    provider = _provider if _provider is not None else _global_provider()
+    if provider is None or isinstance(
+        provider, otel_trace.ProxyTracerProvider | otel_trace.NoOpTracerProvider
+    ):
         return None
     tracer = _tracers.get(id(provider))
     if tracer is None:
@@ -99,20 +122,29 @@ def _context_of(span: Any, fallback: TraceContext | None) -> TraceContext | None
     return TraceContext(f"{sc.trace_id:032x}", f"{sc.span_id:016x}", f"{sc.trace_flags:02x}", state)
 
 
-@contextlib.contextmanager
 def span(
     name: str,
     parent: TraceContext | None = None,
     *,
     kind: Kind = "internal",
     attributes: dict[str, Any] | None = None,
-) -> Iterator[TraceContext | None]:
+) -> contextlib.AbstractContextManager[TraceContext | None]:
     """A span named `name`, a child of `parent` (None: of the current span), current inside the
     block; yields the context to send on: the span's own while it records, else `parent`."""
     tracer = _tracer()
     if tracer is None:
-        yield parent
-        return
+        return contextlib.nullcontext(parent)
+    return _recording_span(tracer, name, parent, kind, attributes)
+
+
+@contextlib.contextmanager
+def _recording_span(
+    tracer: Any,
+    name: str,
+    parent: TraceContext | None,
+    kind: Kind,
+    attributes: dict[str, Any] | None,
+) -> Iterator[TraceContext | None]:
     context = _parent(parent) if parent is not None else None
     with tracer.start_as_current_span(
         name,
