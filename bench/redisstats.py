@@ -103,6 +103,7 @@ def manage_call(
         file.terminal_ttl,
         *file.recorded_settings(JOB_TYPE),
         "",  # no schedule: published at once
+        file.max_history_jobs,
     ]
     return call_keys, args
 

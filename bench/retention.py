@@ -2,6 +2,7 @@
 
     python -m bench.retention            # 1,000,000 superseding requests over 1,000 scopes
     python -m bench.retention --quick    # 100,000 requests, terminal_ttl 10 s, 20,000 sizing jobs
+    python -m bench.retention --quick --max-history-jobs 10    # the per-scope bound binding
 
 Each phase runs on its own private redis-server (tests/support), so `used_memory` sees nothing but
 this bench. Requests are decided by the daemon's own `manage.lua`, called with the keys and ARGV
@@ -10,12 +11,14 @@ daemon process, so that a million decisions take a minute instead of the daemon'
 for a quarter of an hour on this machine. Requests carry no message_id (a request record lives
 `idempotency_ttl`, a separate and documented cost: docs/scaling.md) and no requested_at.
 
-Sizing (`terminal_ttl` 1 h, nothing expires): `used_memory` over an empty server after one
-request on each scope (the live scopes), then after `--sizing-jobs` more (each supersedes a
-pending job: one terminal job each). Retention (`terminal_ttl` = `--terminal-ttl`): the live
-scopes, then `--requests` superseding requests round-robin over them; `used_memory` and the key
-count right after, then again once `terminal_ttl` has passed and Redis's active expiry has
-reclaimed the expired jobs (polled until the key count is back to the live scopes' own).
+Sizing (`terminal_ttl` 1 h and `max_history_jobs` above the sizing jobs per scope: nothing expires
+or is deleted): `used_memory` over an empty server after one request on each scope (the live
+scopes), then after `--sizing-jobs` more (each supersedes a pending job: one terminal job each,
+its entry in its scope's ended set included). Retention (`terminal_ttl` = `--terminal-ttl`,
+`max_history_jobs` = `--max-history-jobs`, default the daemon's): the live scopes, then
+`--requests` superseding requests round-robin over them; `used_memory` and the key count right
+after, then again once `terminal_ttl` has passed and Redis's active expiry has reclaimed the
+expired jobs (polled until the key count is back to the live scopes' own).
 """
 
 from __future__ import annotations
@@ -79,7 +82,8 @@ def on_private_redis(workdir: Path, body: Callable[[redis.Redis], dict[str, Any]
 
 
 def sizing(args: argparse.Namespace, client: redis.Redis) -> dict[str, Any]:
-    file = FileConfig(terminal_ttl=3600)
+    per_scope = -(-args.sizing_jobs // args.scopes)
+    file = FileConfig(terminal_ttl=3600, max_history_jobs=per_scope + 1)
     empty, _ = info(client)
     send(client, file, args.scopes, args.scopes)
     live, live_keys = info(client)
@@ -100,7 +104,7 @@ def sizing(args: argparse.Namespace, client: redis.Redis) -> dict[str, Any]:
 
 
 def retention(args: argparse.Namespace, client: redis.Redis) -> dict[str, Any]:
-    file = FileConfig(terminal_ttl=args.terminal_ttl)
+    file = FileConfig(terminal_ttl=args.terminal_ttl, max_history_jobs=args.max_history_jobs)
     empty, _ = info(client)
     send(client, file, args.scopes, args.scopes)
     live, live_keys = info(client)
@@ -148,13 +152,14 @@ def render(args: argparse.Namespace, size: dict[str, Any], ret: dict[str, Any]) 
         "| --- | --- |",
         "| per live scope (scope hash, pending job, its history) |"
         f" {size['per_live_scope']:,.0f} B, {size['keys_per_live_scope']:.2f} keys |",
-        f"| per terminal job (superseded pending job and its history) |"
+        f"| per terminal job (superseded pending job, its history, its ended-set entry) |"
         f" {size['per_terminal_job']:,.0f} B, {size['keys_per_terminal_job']:.2f} keys |",
         f"| empty server | {ret['empty']:,} B used_memory |",
         f"| {args.scopes:,} live scopes | {ret['live']:,} B ({ret['live'] - ret['empty']:,} B over"
         f" empty), {ret['live_keys']:,} keys |",
         f"| right after {args.requests:,} superseding requests ({ret['rate']:,.0f}/s),"
-        f" terminal_ttl {args.terminal_ttl} s | {ret['peak']:,} B, {ret['peak_keys']:,} keys |",
+        f" terminal_ttl {args.terminal_ttl} s, max_history_jobs {args.max_history_jobs} |"
+        f" {ret['peak']:,} B, {ret['peak_keys']:,} keys |",
         f"| {ret['waited']:.0f} s after the last request | {ret['after']:,} B,"
         f" {ret['after_keys']:,} keys |",
         f"| after / live scopes alone | **{verdict}: {over:.2f}** over the empty server"
@@ -178,6 +183,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scopes", type=int, default=1000)
     p.add_argument("--terminal-ttl", type=int, default=60, help="seconds (60)")
     p.add_argument("--sizing-jobs", type=int, default=100_000, help="terminal jobs of the sizing")
+    default_kept = FileConfig().max_history_jobs
+    p.add_argument(
+        "--max-history-jobs",
+        type=int,
+        default=default_kept,
+        help=f"terminal jobs kept per scope in the retention phase ({default_kept})",
+    )
     p.add_argument("--expiry-wait", type=float, default=300.0, help="seconds past the TTL, at most")
     p.add_argument("--quick", action="store_true", help="100,000 requests, terminal_ttl 10 s")
     p.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")

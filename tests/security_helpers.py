@@ -23,7 +23,7 @@ from tests.support.services import rabbit_eval
 DAEMON_REDIS_COMMANDS = (
     "+evalsha +eval +script|load +ping "
     "+get +set +del +expire +hget +hset +hmget +hgetall +lrange +ltrim +rpush +publish +time "
-    "+sismember +scard +sadd +zadd +zrem +zrangebyscore"
+    "+sismember +scard +sadd +zadd +zrem +zrangebyscore +zcard +zpopmin"
 )
 
 

@@ -113,7 +113,7 @@ async def test_sigterm_drains_in_flight_requests_without_loss(
     assert len(set(job_ids)) == 2000, "a request was decided twice or lost"
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        jobs = [k async for k in client.scan_iter(match=f"{settings.redis_namespace}:*:job:*")]
+        jobs = [k async for k in client.scan_iter(match=f"{settings.redis_namespace}:{{*}}:job:*")]
         records = [k async for k in client.scan_iter(match=f"{settings.redis_namespace}:*:req:d*")]
         if jobs or records:
             await client.delete(*jobs, *records)

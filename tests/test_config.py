@@ -79,6 +79,7 @@ FILE_KEYS = [
     Row("allow_any_job_type", "false", False, '"maybe"'),
     Row("job_ttl", "60", 60, "0"),
     Row("terminal_ttl", "60", 60, "-5"),
+    Row("max_history_jobs", "10", 10, "0"),
     Row("default_result_ttl", "60", 60, "1.5"),
     Row("max_job_types", "5", 5, "0"),
     Row("max_clock_skew", "60", 60.0, "-1"),

@@ -237,7 +237,8 @@ async def test_burst_beyond_redis_connections_waits_not_fails(settings: Settings
 async def count_states(daemon: RunningDaemon, state: str) -> int:
     store = daemon.service.store
     n = 0
-    async for key in store.client.scan_iter(match=f"{store.keys.namespace}:*:job:*", count=5000):
+    jobs = f"{store.keys.namespace}:{{*}}:job:*"
+    async for key in store.client.scan_iter(match=jobs, count=5000):
         if key.endswith(b":h"):
             continue
         if (await store.client.hget(key, "state")) == state.encode():

@@ -28,6 +28,7 @@ from tests.support.tools import require_tool
 
 from jlm.config import OPERATIONS, Settings, load_file
 from jlm.metrics import Metrics
+from jlm.worker.store import SCRIPTS as WORKER_SCRIPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "systemd"
@@ -716,8 +717,19 @@ def test_redis_acl_confines_the_jlm_user(acl_redis: Path) -> None:
                 r.execute_command(*command)
 
 
-def test_redis_acl_allows_every_command_of_the_lua_scripts(acl_redis: Path) -> None:
-    scripts = sorted((ROOT / "daemon" / "jlm" / "lua").glob("*.lua"))
+# The scripts each Redis user runs (None: all; prelude.lua is loaded with every one, result.lua is
+# the worker's readiness probe), and a key the user may reach.
+LUA_OF_USER: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "jlm": (None, "jlm:{t}:k"),
+    "jlm-worker": (("prelude", "result", *WORKER_SCRIPTS), "jlm:{t}:job:k"),
+}
+
+
+@pytest.mark.parametrize("user", list(LUA_OF_USER))
+def test_redis_acl_allows_every_command_of_the_lua_scripts(acl_redis: Path, user: str) -> None:
+    names, key = LUA_OF_USER[user]
+    lua = ROOT / "daemon" / "jlm" / "lua"
+    scripts = sorted(p for p in lua.glob("*.lua") if names is None or p.stem in names)
     assert scripts, "no Lua scripts found under daemon/jlm/lua"
     called = {
         name.upper()
@@ -733,8 +745,8 @@ def test_redis_acl_allows_every_command_of_the_lua_scripts(acl_redis: Path) -> N
             info = admin.execute_command("COMMAND", "INFO", command)
             assert command.lower() in info, f"redis-server does not know {command}"
             arity = int(info[command.lower()]["arity"])
-            args = ["jlm:{t}:k"] * (abs(arity) - 1)
-            answer = admin.execute_command("ACL", "DRYRUN", "jlm", command, *args)
+            args = [key] * (abs(arity) - 1)
+            answer = admin.execute_command("ACL", "DRYRUN", user, command, *args)
             if answer != b"OK":
                 refused[command] = answer.decode()
     assert not refused, f"users.acl refuses commands the Lua scripts call: {refused}"
@@ -771,8 +783,9 @@ def test_operations_doc_links_resolve() -> None:
 
 
 async def test_redis_roles_daemon_and_worker(acl_redis: Path, settings: Settings) -> None:
-    """The daemon (user jlm) decides, the worker (user jlm-worker) runs its four scripts; the
-    worker cannot touch an idempotency record, send a cancel notice, or reach another key."""
+    """The daemon (user jlm) decides, the worker (user jlm-worker) runs its four scripts, and
+    either one deletes the oldest terminal job of a scope past max_history_jobs; the worker cannot
+    touch an idempotency record, send a cancel notice, or reach another key."""
     from jlm.keys import Keys, scope_tag
     from jlm.lifecycle import Context, Lifecycle
     from jlm.protocol import ManageRequest
@@ -787,8 +800,9 @@ async def test_redis_roles_daemon_and_worker(acl_redis: Path, settings: Settings
     daemon = Store(connect(url("jlm", redis_password())), keys, Metrics())
     worker = Store(connect(url("jlm-worker", redis_password("worker"))), keys, Metrics())
     try:
-        lifecycle = Lifecycle(daemon, settings, Metrics())
-        ws = WorkerStore(worker, 600, 60)
+        one_kept = settings.file.model_copy(update={"max_history_jobs": 1})
+        lifecycle = Lifecycle(daemon, settings.model_copy(update={"file": one_kept}), Metrics())
+        ws = WorkerStore(worker, 600, 60, 1)
         await daemon.ping_script()
         await worker.ping_script()  # readiness: result.lua, and every script loaded
         req = ManageRequest(job_type="t", payload={}, cache_prefix="p")
@@ -806,6 +820,20 @@ async def test_redis_roles_daemon_and_worker(acl_redis: Path, settings: Settings
             Context("r2", True, None),
         )
         assert again.reply["success"] is True
+        # The worker ends a second job of the scope: the first one goes (ZPOPMIN, DEL as
+        # jlm-worker); the daemon supersedes a third: the second goes (as jlm).
+        second = (await lifecycle.manage(req, Context("r3", True, None))).reply["new_job_id"]
+        facts = await ws.claim(second, "w1", now(), lease_ms=5000, max_attempts=1)
+        run = Run(second, "w1", int(facts.get("claim")))
+        failed = await ws.finish(
+            run, ("p", "t"), "failed", now(), "boom", result_ttl=60, max_attempts=1
+        )
+        assert failed.o == "failed", failed.raw
+        assert await daemon.client.exists(keys.job(job), keys.history(job)) == 0
+        third = (await lifecycle.manage(req, Context("r4", True, None))).reply["new_job_id"]
+        await lifecycle.manage(req, Context("r5", True, None))
+        assert await daemon.client.exists(keys.job(second), keys.history(second)) == 0
+        assert await daemon.client.hget(keys.job(third), "state") == b"cancelled"
 
         tag = scope_tag("p", "t")
         client = worker.client

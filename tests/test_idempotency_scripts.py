@@ -94,7 +94,7 @@ class Harness:
 
     async def job_hashes(self) -> dict[str, dict[str, str]]:
         out = {}
-        async for key in self.redis.scan_iter(match=f"{self.keys.namespace}:*:job:*"):
+        async for key in self.redis.scan_iter(match=f"{self.keys.namespace}:{{*}}:job:*"):
             if not key.endswith(b":h"):
                 job_id = key.decode().rsplit(":job:", 1)[1]
                 out[job_id] = await self.job(job_id)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from tests.support.redis_server import RedisServer
+from tests.support.services import delete_namespace
 
 from jlm.config import Settings
 from jlm.due import DueSets
@@ -80,9 +81,7 @@ async def _run(settings: Settings, steps: list[tuple[str, int, str, str | None]]
                 await _sweep(due, redis, keys)
             await _check(redis, keys, jobs)
     finally:
-        names = [k async for k in redis.scan_iter(match=f"{keys.namespace}:*", count=1000)]
-        if names:
-            await redis.delete(*names)
+        await delete_namespace(redis, keys.namespace)
         await redis.aclose()
         await store.close()
 

@@ -1,5 +1,6 @@
 """Retention: a terminal job (succeeded, failed, cancelled) is kept `terminal_ttl`, a live one
-`job_ttl`, its history with it; one test per path that ends a job, against the real Redis.
+`job_ttl`, its history with it; one test per path that ends a job, against the real Redis. A
+dedup scope keeps at most `max_history_jobs` terminal jobs: the oldest beyond it go at once.
 
 Jobs are made and moved by the daemon's own decisions (Lifecycle) and the worker's scripts.
 """
@@ -7,27 +8,37 @@ Jobs are made and moved by the daemon's own decisions (Lifecycle) and the worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from bench.redisstats import manage_call
+from hypothesis import HealthCheck, event, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from tests.support.redis_server import RedisServer
+from tests.support.services import delete_namespace
 from tests.test_worker_scripts import Scripts, T, run_of
 
+import jlm.keys
 from jlm.config import FileConfig, Settings
 from jlm.errors import NotFound
 from jlm.keys import Keys, scope_tag
 from jlm.lifecycle import Context, Lifecycle
 from jlm.metrics import Metrics
 from jlm.protocol import StatusRequest
+from jlm.states import LIVE, TERMINAL
 from jlm.store import RedisClient, Store, connect
 from jlm.worker.job import now
-from jlm.worker.store import WorkerStore
+from jlm.worker.store import Run, WorkerStore
 
 pytestmark = pytest.mark.timeout(60)
 JOB_TTL = 100_000
@@ -40,15 +51,20 @@ async def _scripts(
     namespace: str,
     redis_client: RedisClient,
     terminal_ttl: int,
+    *,
+    max_history_jobs: int = 100,
 ) -> AsyncIterator[Scripts]:
     config = tmp_path / "jlm.toml"
-    config.write_text(f"job_ttl = {JOB_TTL}\nterminal_ttl = {terminal_ttl}\n")
+    config.write_text(
+        f"job_ttl = {JOB_TTL}\nterminal_ttl = {terminal_ttl}\n"
+        f"max_history_jobs = {max_history_jobs}\n"
+    )
     settings = make_settings(JLM_CONFIG=str(config))
     metrics = Metrics()
     keys = Keys(namespace)
     store = Store(connect(settings.redis_url), keys, metrics)
     yield Scripts(
-        WorkerStore(store, JOB_TTL, terminal_ttl),
+        WorkerStore(store, JOB_TTL, terminal_ttl, max_history_jobs),
         Lifecycle(store, settings, metrics),
         redis_client,
         keys,
@@ -217,3 +233,260 @@ def test_the_bench_passes_manage_lua_every_argv() -> None:
     documented = max(int(n) for n in re.findall(r"ARGV\[(\d+)\]", header))
     keys, args = manage_call(Keys("x"), FileConfig(), 0, datetime.now(UTC))
     assert (len(keys), len(args)) == (6, documented)
+
+
+# -- max_history_jobs: a bound on the terminal jobs of one scope ----------------------------------
+
+KEPT = 3
+
+
+@pytest.fixture
+async def bounded(
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+    namespace: str,
+    redis_client: RedisClient,
+) -> AsyncIterator[Scripts]:
+    """Scripts of a daemon and a worker that keep at most KEPT terminal jobs per scope."""
+    async for s in _scripts(
+        make_settings, tmp_path, namespace, redis_client, TERMINAL_TTL, max_history_jobs=KEPT
+    ):
+        yield s
+
+
+def ended_key(s: Scripts, prefix: str = "p") -> str:
+    return s.keys.ended(scope_tag(prefix, T), prefix, T)
+
+
+async def ended_ids(s: Scripts, prefix: str = "p") -> list[str]:
+    """The scope's ended set, oldest first."""
+    return [m.decode() for m in await s.redis.zrange(ended_key(s, prefix), 0, -1)]
+
+
+async def assert_kept(s: Scripts, kept: list[str], gone: list[str]) -> None:
+    """Each job of `kept` has its hash and history; each of `gone` has neither."""
+    for job in kept:
+        assert await s.redis.exists(s.keys.job(job), s.keys.history(job)) == 2, job
+    for job in gone:
+        assert await s.redis.exists(s.keys.job(job), s.keys.history(job)) == 0, job
+
+
+async def test_a_scope_keeps_its_newest_terminal_jobs(bounded: Scripts) -> None:
+    jobs = [await bounded.enqueue() for _ in range(10)]
+    *superseded, current = jobs
+    await assert_kept(bounded, [*superseded[-KEPT:], current], superseded[:-KEPT])
+    for job in superseded[-KEPT:]:
+        await assert_terminal(bounded, job, "cancelled")
+    await assert_live(bounded, current, "pending")
+    assert await ended_ids(bounded) == superseded[-KEPT:]
+    assert 0 < await bounded.redis.ttl(ended_key(bounded)) <= TERMINAL_TTL
+
+
+async def test_an_evicted_job_answers_status_as_an_expired_one(bounded: Scripts) -> None:
+    jobs = [await bounded.enqueue() for _ in range(KEPT + 2)]
+    evicted = jobs[0]
+    await assert_kept(bounded, [], [evicted])
+    never = f"{scope_tag('p', T)}-{'0' * 32}"
+    for job in (evicted, never):
+        with pytest.raises(NotFound, match=r"\(unknown, or expired\)") as caught:
+            await bounded.lifecycle.status(StatusRequest(job_id=job), Context("r", False, None))
+        assert caught.value.code == "not_found"
+    # A cancel of it finds no job either, and the scope's current job is untouched.
+    with pytest.raises(NotFound):
+        await bounded.cancel(evicted)
+    assert (await bounded.job(jobs[-1]))["state"] == "pending"
+
+
+@pytest.mark.parametrize("one_tag", [False, True], ids=["own-tags", "one-tag"])
+async def test_evictions_stay_within_their_scope(
+    bounded: Scripts, monkeypatch: pytest.MonkeyPatch, one_tag: bool
+) -> None:
+    if one_tag:
+        monkeypatch.setattr(jlm.keys, "TAG_BITS", 0)
+        assert scope_tag("a", T) == scope_tag("b", T)
+    others = [await bounded.enqueue("b") for _ in range(KEPT)]
+    jobs = [await bounded.enqueue("a") for _ in range(3 * KEPT)]
+    await assert_kept(bounded, others, [])
+    assert await ended_ids(bounded, "b") == others[:-1]
+    assert await ended_ids(bounded, "a") == jobs[-1 - KEPT : -1]
+    await assert_kept(bounded, jobs[-1 - KEPT :], jobs[: -1 - KEPT])
+
+
+async def test_every_path_that_ends_a_job_counts_toward_the_bound(bounded: Scripts) -> None:
+    s, ended = bounded, []
+
+    async def ends(job: str, state: str) -> None:
+        """`job` has just ended in `state`: the scope keeps it and the KEPT - 1 before it."""
+        ended.append(job)
+        assert (await s.job(job))["state"] == state
+        assert await ended_ids(s) == ended[-KEPT:]
+        await assert_kept(s, ended[-KEPT:], ended[:-KEPT])
+
+    ok = await s.enqueue()  # finish.lua: succeeded
+    await s.finish(run_of(await s.claim(ok), ok), "succeeded", "1")
+    await ends(ok, "succeeded")
+    bad = await s.enqueue()  # finish.lua: failed, no attempt left
+    await s.finish(run_of(await s.claim(bad), bad), "failed", "boom")
+    await ends(bad, "failed")
+    pending = await s.enqueue()  # cancel.lua: a pending job
+    await s.cancel(pending)
+    await ends(pending, "cancelled")
+    running = await s.enqueue()  # cancel.lua: a running job; its stop later counts no more
+    run = run_of(await s.claim(running), running)
+    await s.cancel(running)
+    await ends(running, "cancelled")
+    assert (await s.finish(run, "stopped")).o == "stopped"
+    assert await ended_ids(s) == ended[-KEPT:]
+    lost = await s.enqueue()  # claim.lua: a lost run without attempts left
+    await s.claim(lost, lease_ms=30)
+    await asyncio.sleep(0.06)
+    assert (await s.claim(lost, "w2")).o == "lost"
+    await ends(lost, "failed")
+    given_back = await s.enqueue()  # release.lua: a run given back after it was superseded
+    run = run_of(await s.claim(given_back), given_back)
+    successor = await s.enqueue()
+    assert (await s.ws.release(run, now(), "released")).o == "cancelled"
+    await ends(given_back, "cancelled")
+    await s.claim(successor)  # manage.lua: a running job cancelled by cancel_running
+    current = await s.enqueue(cancel_running=True)
+    await ends(successor, "cancelled")
+    await s.enqueue()  # manage.lua: a pending job superseded
+    await ends(current, "cancelled")
+
+
+async def test_the_bound_recorded_at_the_decision_applies_whoever_ends_the_job(
+    bounded: Scripts,
+) -> None:
+    """claim, finish and release with the ARGV from before max_history_jobs (no bound passed):
+    a job decided with a bound is counted by it all the same, so a worker's configuration
+    cannot delete more of a scope than the daemon's. A job decided before the bound was
+    recorded, ended by such a worker, is never counted."""
+    s, k, tag = bounded, bounded.keys, scope_tag("p", T)
+    store = s.ws.store
+
+    async def old_claim(job: str) -> int:
+        args = ["old", now(), 60_000, 1, 50, JOB_TTL, TERMINAL_TTL]
+        claimed = orjson.loads(await store.run("claim", [k.job(job), k.history(job)], args))
+        assert claimed["o"] == "claimed"
+        return int(claimed["claim"])
+
+    async def old_finish(job: str, outcome: str) -> None:
+        claim = await old_claim(job)
+        keys = [k.job(job), k.history(job), k.scope(tag, "p", T), k.result(tag, "p", T)]
+        args = [outcome, "old", claim, now(), "1", 600, 1, job, 50, JOB_TTL, "stopped"]
+        finished = orjson.loads(await store.run("finish", keys, [*args, TERMINAL_TTL]))
+        assert finished["o"] == outcome
+        await assert_terminal(s, job, outcome)
+
+    unrecorded = []
+    for outcome in ("succeeded", "failed"):
+        job = await s.enqueue()
+        assert await s.redis.hget(k.job(job), "max_history") == str(KEPT).encode()
+        await s.redis.hdel(k.job(job), "max_history")  # as if decided before the bound
+        await old_finish(job, outcome)
+        unrecorded.append(job)
+    assert await s.redis.exists(ended_key(s)) == 0
+    counted = []
+    for outcome in ("succeeded", "failed", "succeeded", "failed", "succeeded"):
+        job = await s.enqueue()
+        await old_finish(job, outcome)
+        counted.append(job)
+    given_back = await s.enqueue()
+    claim = await old_claim(given_back)
+    await s.enqueue()  # supersedes the running job: released, it ends cancelled
+    args = ["old", claim, now(), "released", 50, JOB_TTL, TERMINAL_TTL]
+    released = await store.run("release", [k.job(given_back), k.history(given_back)], args)
+    assert orjson.loads(released)["o"] == "cancelled"
+    counted.append(given_back)
+    assert await ended_ids(s) == counted[-KEPT:]
+    await assert_kept(s, unrecorded + counted[-KEPT:], counted[:-KEPT])
+
+
+# A step on one scope: (manage, cancel_running) | (claim, job, lease ms) | (finish, job, outcome) |
+# (cancel, job) | (release, job); a job is picked from the newest back. `manage` is drawn twice as
+# often: each one can end a job.
+MANAGE = st.tuples(st.just("manage"), st.booleans())
+BOUND_OPS = st.lists(
+    st.one_of(
+        MANAGE,
+        MANAGE,
+        st.tuples(st.just("claim"), st.integers(0, 3), st.sampled_from([0, 60_000])),
+        st.tuples(st.just("finish"), st.integers(0, 3), st.sampled_from(["succeeded", "failed"])),
+        st.tuples(st.just("cancel"), st.integers(0, 3)),
+        st.tuples(st.just("release"), st.integers(0, 3)),
+    ),
+    min_size=10,
+    max_size=30,
+)
+
+
+@hsettings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(kept=st.integers(1, 3), ops=BOUND_OPS)
+def test_any_sequence_keeps_a_scope_within_its_bound(
+    settings: Settings, module_redis: RedisServer, kept: int, ops: list[tuple[Any, ...]]
+) -> None:
+    file = settings.file.model_copy(update={"max_history_jobs": kept})
+    asyncio.run(
+        _bounded(settings.model_copy(update={"redis_url": module_redis.url, "file": file}), ops)
+    )
+
+
+async def _bounded(settings: Settings, ops: list[tuple[Any, ...]]) -> None:  # noqa: C901 a dispatcher of steps
+    kept = settings.file.max_history_jobs
+    namespace = f"jlmp{uuid.uuid4().hex[:10]}"
+    metrics = Metrics()
+    keys = Keys(namespace)
+    store = Store(connect(settings.redis_url), keys, metrics)
+    redis = connect(settings.redis_url)
+    file = settings.file
+    s = Scripts(
+        WorkerStore(store, file.job_ttl, file.terminal_ttl, kept),
+        Lifecycle(store, settings, metrics),
+        redis,
+        keys,
+    )
+    jobs: list[str] = []
+    runs: dict[str, Run] = {}
+    ended: list[str] = []  # jobs in the order they became terminal
+    try:
+        for n, op in enumerate(ops):
+            if op[0] == "manage":
+                jobs.append(await s.enqueue(cancel_running=op[1]))
+            elif jobs:
+                job = jobs[-1 - op[1] % len(jobs)]
+                if op[0] == "claim":
+                    facts = await s.claim(job, f"w{n}", lease_ms=op[2], max_attempts=2)
+                    if facts.o == "claimed":
+                        runs[job] = run_of(facts, job, f"w{n}")
+                elif op[0] == "finish" and job in runs:
+                    await s.finish(runs[job], op[2], '"v"', max_attempts=2)
+                elif op[0] == "cancel":
+                    with contextlib.suppress(NotFound):  # an evicted job
+                        await s.cancel(job)
+                elif op[0] == "release" and job in runs:
+                    await s.ws.release(runs[job], now(), "r")
+            states = {j: (await s.job(j)).get("state") for j in jobs}
+            for j in jobs:
+                if j not in ended and states[j] in TERMINAL:
+                    ended.append(j)
+                if j not in ended:
+                    assert states[j] is not None, "only a terminal job is ever deleted"
+            terminal = {j for j in jobs if states[j] in TERMINAL}
+            assert len(terminal) <= kept, "a scope keeps at most max_history_jobs terminal jobs"
+            assert terminal == set(ended[-kept:]), "the newest terminal jobs are the ones kept"
+            for j in ended[:-kept]:
+                assert await redis.exists(keys.job(j), keys.history(j)) == 0
+            members = [m.decode() for m in await redis.zrange(ended_key(s), 0, -1)]
+            assert members == ended[-kept:]
+            current = (
+                await redis.hget(keys.scope(scope_tag("p", T), "p", T), "job") or b""
+            ).decode()
+            if states.get(current) in LIVE:
+                assert current not in members, "the scope's live job is never in its ended set"
+        event(f"terminal jobs deleted: {len(ended) > kept}")
+    finally:
+        await delete_namespace(redis, namespace)
+        await redis.aclose()
+        await store.close()

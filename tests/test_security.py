@@ -699,6 +699,9 @@ def daemon_commands(key: str, channel: str) -> list[list[str]]:
         ["RPUSH", key, "v"],
         ["PUBLISH", channel, "x"],
         ["TIME"],
+        ["ZADD", key, "NX", "1", "m"],
+        ["ZCARD", key],
+        ["ZPOPMIN", key, "1"],
     ]
 
 

@@ -254,7 +254,7 @@ async def test_superseded_job_never_runs_and_its_successor_runs_once(env: Env) -
 async def _job_states(env: Env) -> dict[str, int]:
     job_keys = [
         k
-        async for k in env.redis.scan_iter(match=f"{env.namespace}:*:job:*", count=1000)
+        async for k in env.redis.scan_iter(match=f"{env.namespace}:{{*}}:job:*", count=1000)
         if not k.endswith(b":h")
     ]
     pipe = env.redis.pipeline(transaction=False)

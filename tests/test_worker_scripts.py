@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from tests.support.redis_server import RedisServer
+from tests.support.services import delete_namespace
 
 from jlm.config import Settings
 from jlm.keys import Keys, new_job_id, scope_tag
@@ -96,7 +97,9 @@ async def scripts(
     keys = Keys(namespace)
     store = Store(_connect(settings), keys, metrics)
     yield Scripts(
-        WorkerStore(store, settings.file.job_ttl, settings.file.terminal_ttl),
+        WorkerStore(
+            store, settings.file.job_ttl, settings.file.terminal_ttl, settings.file.max_history_jobs
+        ),
         Lifecycle(store, settings, metrics),
         redis_client,
         keys,
@@ -348,7 +351,9 @@ async def _interleave(settings: Settings, ops: list[tuple]) -> None:  # noqa: C9
     store = Store(_connect(settings), keys, metrics)
     redis = _connect(settings)
     s = Scripts(
-        WorkerStore(store, settings.file.job_ttl, settings.file.terminal_ttl),
+        WorkerStore(
+            store, settings.file.job_ttl, settings.file.terminal_ttl, settings.file.max_history_jobs
+        ),
         Lifecycle(store, settings, metrics),
         redis,
         keys,
@@ -408,8 +413,6 @@ async def _interleave(settings: Settings, ops: list[tuple]) -> None:  # noqa: C9
                 if j != jobs[-1]:
                     assert state != "pending", "a superseded job never waits to run"
     finally:
-        found = [k async for k in redis.scan_iter(match=f"{namespace}:*", count=1000)]
-        if found:
-            await redis.delete(*found)
+        await delete_namespace(redis, namespace)
         await redis.aclose()
         await store.close()

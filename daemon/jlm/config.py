@@ -100,6 +100,8 @@ class FileConfig(BaseModel):
     job_ttl: Annotated[int, Field(gt=0)] = 7 * 86400
     # A job that reached succeeded, failed or cancelled is kept this long, its history with it.
     terminal_ttl: Annotated[int, Field(gt=0)] = 86400
+    # A dedup scope keeps at most this many terminal jobs; the oldest beyond it are deleted at once.
+    max_history_jobs: Annotated[int, Field(gt=0)] = 100
     default_result_ttl: Annotated[int, Field(gt=0)] = 3600
     # Unconfigured job types that get a queue, per Redis namespace; more are unknown_job_type.
     max_job_types: Annotated[int, Field(gt=0)] = 1000

@@ -80,6 +80,13 @@ class Keys:
         """Hash: `job`, `value` (JSON), `at`; expires after the job type's result TTL."""
         return f"{self.base(tag)}:result:{cache_prefix}:{job_type}"
 
+    def ended(self, tag: str, cache_prefix: str, job_type: str) -> str:
+        """Sorted set: the scope's terminal jobs, job id by when it became terminal (µs since the
+        epoch, Redis server time); past `max_history_jobs` members the oldest are deleted with
+        their job hash and history (prelude.lua: retire). Expires `terminal_ttl` after its last
+        addition."""
+        return f"{self.base(tag)}:ended:{cache_prefix}:{job_type}"
+
     def job_prefix(self, tag: str) -> str:
         """`<prefix><job_id>` is the job hash; `<prefix><job_id>:h` its history list."""
         return f"{self.base(tag)}:job:"

@@ -248,6 +248,7 @@ class Lifecycle:
             terminal_ttl=self._file.terminal_ttl,
             type_settings=self._file.recorded_settings(req.job_type),
             schedule=schedule,
+            max_history_jobs=self._file.max_history_jobs,
         )
 
     # -- idempotency -----------------------------------------------------------------------------
@@ -338,6 +339,7 @@ class Lifecycle:
             bind_here=bind_here,
             session=ctx.redelivered_in,
             terminal_ttl=self._file.terminal_ttl,
+            max_history_jobs=self._file.max_history_jobs,
         )
         f = decision.facts
         if f.not_found:

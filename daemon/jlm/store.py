@@ -237,6 +237,7 @@ class Store:
         terminal_ttl: int,
         type_settings: tuple[int, int, float, str],
         schedule: str = "",
+        max_history_jobs: int,
     ) -> Decision[ManageFacts]:
         """manage.lua: one decision for one dedup scope (with the job type's settings)."""
         d = await self.decide(
@@ -265,6 +266,7 @@ class Store:
                 terminal_ttl,
                 *type_settings,
                 schedule,
+                max_history_jobs,
             ],
         )
         return _typed(d, ManageFacts.decode(d.facts))
@@ -289,6 +291,7 @@ class Store:
         bind_here: bool,
         session: str,
         terminal_ttl: int,
+        max_history_jobs: int,
     ) -> Decision[CancelFacts]:
         """cancel.lua: cancel one job by id."""
         d = await self.decide(
@@ -308,6 +311,7 @@ class Store:
                 int(bind_here),
                 session,
                 terminal_ttl,
+                max_history_jobs,
             ],
         )
         return _typed(d, CancelFacts.decode(d.facts))

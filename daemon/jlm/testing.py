@@ -108,7 +108,12 @@ class _Harness:
         stopping.set()  # a retry is run at once, not after its backoff
         self.deps = Deps(
             settings=settings,
-            store=WorkerStore(store, settings.file.job_ttl, settings.file.terminal_ttl),
+            store=WorkerStore(
+                store,
+                settings.file.job_ttl,
+                settings.file.terminal_ttl,
+                settings.file.max_history_jobs,
+            ),
             metrics=metrics,
             emit=self._emit,
             republish=self._republish,

@@ -77,7 +77,7 @@ async def request_records(client: Any, namespace: str) -> dict[str, dict[str, An
 
 async def job_hashes(client: Any, namespace: str) -> dict[str, dict[str, str]]:
     """job id -> its hash fields."""
-    keys = [k for k in await scan(client, f"{namespace}:*:job:*") if not k.endswith(b":h")]
+    keys = [k for k in await scan(client, f"{namespace}:{{*}}:job:*") if not k.endswith(b":h")]
     out: dict[str, dict[str, str]] = {}
     for chunk in _chunks(keys, 500):
         pipe = client.pipeline(transaction=False)

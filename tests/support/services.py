@@ -86,6 +86,13 @@ def delete_vhosts() -> None:
         _vhosts_done.clear()
 
 
+async def delete_namespace(client: Any, namespace: str) -> None:
+    """Delete every key of `namespace` through an async client (a test's own redis-server)."""
+    found = [k async for k in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    if found:
+        await client.delete(*found)
+
+
 def drop_namespace(name: str) -> None:
     """Delete every key of a test's namespace on the shared Redis (no-op where it used another)."""
     client = redis.Redis.from_url(REDIS_URL)

@@ -17,6 +17,8 @@
 -- ARGV[11] bind here           1 on one Redis; 0 when bind.lua has bound the key already
 -- ARGV[12] session             broker session of a redelivered message, '' for a first delivery
 -- ARGV[13] terminal TTL        seconds the cancelled job is kept (prelude.lua: ttl_of)
+-- ARGV[14] max history jobs    terminal jobs its scope keeps; the cancelled job may delete the
+--                              scope's oldest (prelude.lua: retire)
 --
 -- Returns {status, facts, false, false, republish}: status 0 decided now, 1 a replay of the
 -- recorded facts (nothing changed; republish as in manage.lua), 2 the idempotency key is bound to
@@ -27,6 +29,7 @@
 local running, now, record_it, idem_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local pid, channel, job_id, bound, job_ttl = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9]
 local digest, bind, session, terminal_ttl = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local max_kept = ARGV[14]
 
 local replay = recorded(record_it, KEYS[4], KEYS[3], digest, bind, session)
 if replay then
@@ -48,6 +51,7 @@ if state == 'pending' or state == 'scheduled' or (state == 'running' and running
   end
   note(KEYS[2], 'cancelled', now, 'cancelled', bound, terminal_ttl)
   redis.call('EXPIRE', KEYS[1], terminal_ttl)
+  retire(KEYS[1], max_kept, terminal_ttl)
   f.cancelled, f.state = true, 'cancelled'
 else
   f.cancelled, f.state = false, state

@@ -12,6 +12,9 @@
 -- ARGV[6]  job TTL             seconds
 -- ARGV[7]  terminal TTL        seconds a job that ends here (a lost run) is kept; optional:
 --                              without it, job TTL (prelude.lua: ttl_of)
+-- ARGV[8]  max history jobs    terminal jobs the job's scope keeps; a job that ends here may
+--                              delete the scope's oldest. Optional: without it, none is deleted
+--                              (prelude.lua: retire)
 --
 -- The decision reads only the job's record: nothing of the job message (a header such as
 -- x-jlm-gen can be forged by anyone who may publish to jlm.jobs) can make a job be skipped.
@@ -28,7 +31,7 @@
 -- retry_backoff, queue as the daemon recorded them on the job (absent when it did not).
 
 local owner, now, lease_ms, max_attempts = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local bound, ttl, terminal_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local bound, ttl, terminal_ttl, max_kept = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
 local job_note = job_noter(KEYS[1], KEYS[2], now, bound, ttl, terminal_ttl)
 
@@ -83,6 +86,7 @@ elseif state == 'running' then
       'updated_at', now)
     redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
     job_note('cancelled', lost .. '; superseded by ' .. j[9] .. ', not run again')
+    retire(KEYS[1], max_kept, terminal_ttl)
     f.o, f.state = 'lost', 'cancelled'
     return cjson.encode(f)
   end
@@ -91,6 +95,7 @@ elseif state == 'running' then
       'finished_at', now)
     redis.call('HDEL', KEYS[1], 'owner', 'lease_until')
     job_note('failed', lost .. ' after attempt ' .. attempt .. ' of ' .. max_attempts)
+    retire(KEYS[1], max_kept, terminal_ttl)
     f.o, f.state = 'lost', 'failed'
     return cjson.encode(f)
   end

@@ -19,6 +19,9 @@
 -- ARGV[11] stop note           history reason of a stopped run (e.g. `stopped by worker`)
 -- ARGV[12] terminal TTL        seconds a job that ends here is kept; optional: without it,
 --                              job TTL (prelude.lua: ttl_of)
+-- ARGV[13] max history jobs    terminal jobs the job's scope keeps; a job that ends here may
+--                              delete the scope's oldest. Optional: without it, none is deleted
+--                              (prelude.lua: retire)
 --
 -- Returns a JSON object: o, state (after), attempt, gen, request_id, superseded_by,
 -- cancel_requested, and
@@ -35,7 +38,7 @@
 local outcome, owner, claim, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local value, result_ttl, max_attempts, job_id = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local bound, ttl, stop_note = tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11]
-local terminal_ttl = ARGV[12]
+local terminal_ttl, max_kept = ARGV[12], ARGV[13]
 
 local job_note = job_noter(KEYS[1], KEYS[2], now, bound, ttl, terminal_ttl)
 
@@ -89,6 +92,7 @@ if outcome == 'succeeded' then
     job_note('succeeded', 'result not cached: superseded by ' .. tostring(j[5]))
     f.cached = false
   end
+  retire(KEYS[1], max_kept, terminal_ttl)
   f.o, f.state = 'succeeded', 'succeeded'
   return cjson.encode(f)
 end
@@ -104,5 +108,6 @@ if retry and f.attempt < tonumber(max_attempts) and not j[5] then
 end
 redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_at', now)
 job_note('failed', value)
+retire(KEYS[1], max_kept, terminal_ttl)
 f.o, f.state = 'failed', 'failed'
 return cjson.encode(f)

@@ -31,6 +31,9 @@
 --                              and their scripts read them there (docs/worker-protocol.md)
 -- ARGV[25] schedule            '' or a JSON object (schedule.lua): debounce window, max wait,
 --                              not_before, payload
+-- ARGV[26] max history jobs    terminal jobs the scope keeps; a job made terminal here may delete
+--                              the scope's oldest (prelude.lua: retire). Recorded on the new job
+--                              (`max_history`): the scripts that end it later apply that bound
 --
 -- Returns {status, facts, result, job state, republish}:
 --   status 0: decided now. facts is a JSON object: d (enqueued | deduplicated | scheduled), job,
@@ -54,6 +57,7 @@ local digest, bind, session = ARGV[17], ARGV[18], ARGV[19]
 local terminal_ttl = ARGV[20]
 local max_attempts, result_ttl, retry_backoff, job_queue = ARGV[21], ARGV[22], ARGV[23], ARGV[24]
 local sched = schedule_of(ARGV[25])
+local max_kept = ARGV[26]
 
 local replay = recorded(record_it, KEYS[6], KEYS[3], digest, bind, session, function(facts)
   local f = cjson.decode(facts)
@@ -160,6 +164,9 @@ if cur_id then
     end
   end
   redis.call('EXPIRE', old, ttl_of(redis.call('HGET', old, 'state'), job_ttl, terminal_ttl))
+  if f.stale or f.rc then
+    retire(old, max_kept, terminal_ttl)
+  end
   if policy == 'replace' or policy == 'debounce' then
     inv = true
   end
@@ -179,7 +186,7 @@ redis.call('HSET', KEYS[4], 'state', state, 'job_type', job_type, 'cache_prefix'
   'priority', priority, 'created_at', now, 'updated_at', now, 'attempt', 0,
   'request_id', request_id, 'requested_at', at)
 redis.call('HSET', KEYS[4], 'max_attempts', max_attempts, 'result_ttl', result_ttl,
-  'retry_backoff', retry_backoff, 'queue', job_queue)
+  'retry_backoff', retry_backoff, 'queue', job_queue, 'max_history', max_kept)
 if due then
   hold(KEYS[4], sched, due, now_ms)
 end

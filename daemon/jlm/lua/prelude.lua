@@ -36,3 +36,31 @@ local function job_noter(job, history, at, bound, job_ttl, terminal_ttl)
     redis.call('EXPIRE', job, keep)
   end
 end
+
+-- A job that has just become terminal counts toward its scope's bound: its scope keeps at most
+-- `max_history` terminal jobs, the bound recorded on the job at its decision (manage.lua), or else
+-- `max_kept` (the caller's setting: jobs decided before the bound was recorded). The job joins the
+-- scope's ended set (`<base>:ended:<cache_prefix>:<job_type>`, same hash tag; member the job id,
+-- score µs since the epoch, Redis TIME) and, while the set holds more than the bound, its oldest
+-- are deleted at once, job hash and history. The set lives `terminal_ttl` from its last addition,
+-- as long as its newest member. Counted once however often it is called (ZADD NX). Without a bound
+-- (neither recorded nor passed), or for a caller that passes no `terminal_ttl` (a worker written
+-- before it: its ended jobs keep `job_ttl`), nothing.
+local function retire(job, max_kept, terminal_ttl)
+  local base, id = string.match(job, '^(.*):job:([^:]+)$')
+  local j = redis.call('HMGET', job, 'cache_prefix', 'job_type', 'max_history')
+  local bound = tonumber(j[3] or max_kept)
+  if not bound or not terminal_ttl or not base or not j[1] or not j[2] then
+    return
+  end
+  local ended = base .. ':ended:' .. j[1] .. ':' .. j[2]
+  redis.call('ZADD', ended, 'NX', (server_time()), id)
+  redis.call('EXPIRE', ended, terminal_ttl)
+  local excess = redis.call('ZCARD', ended) - bound
+  if excess > 0 then
+    local popped = redis.call('ZPOPMIN', ended, excess)
+    for i = 1, #popped, 2 do
+      redis.call('DEL', base .. ':job:' .. popped[i], base .. ':job:' .. popped[i] .. ':h')
+    end
+  end
+end

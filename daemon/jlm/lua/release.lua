@@ -10,6 +10,9 @@
 -- ARGV[6]  job TTL             seconds
 -- ARGV[7]  terminal TTL        seconds a job that ends here is kept; optional: without it,
 --                              job TTL (prelude.lua: ttl_of)
+-- ARGV[8]  max history jobs    terminal jobs the job's scope keeps; a job that ends here may
+--                              delete the scope's oldest. Optional: without it, none is deleted
+--                              (prelude.lua: retire)
 --
 -- Returns a JSON object: o, state (after), request_id, cancel_requested, and
 --   o = released   running → pending, owner cleared, attempt given back (a release is not a
@@ -19,7 +22,7 @@
 --   o = refused    this run no longer holds the job: nothing is written
 
 local owner, claim, now, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local bound, ttl, terminal_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local bound, ttl, terminal_ttl, max_kept = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
 
 local job_note = job_noter(KEYS[1], KEYS[2], now, bound, ttl, terminal_ttl)
 
@@ -42,6 +45,7 @@ if state == 'cancelled' then
 elseif j[5] then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_reason', 'superseded')
   job_note('cancelled', reason .. '; superseded by ' .. j[5] .. ', not run again')
+  retire(KEYS[1], max_kept, terminal_ttl)
   f.o, f.state = 'cancelled', 'cancelled'
 else
   redis.call('HSET', KEYS[1], 'state', 'pending', 'attempt', math.max(tonumber(j[4] or '1') - 1, 0))

@@ -3,7 +3,7 @@
 -- job is `scheduled`; the daemon adds it to a due set (a key of another hash tag, so not here) and
 -- its scheduler publishes it once due.
 --
--- The schedule argument (manage.lua ARGV[20]) is '' or a JSON object:
+-- The schedule argument (manage.lua ARGV[25]) is '' or a JSON object:
 --   db  debounce window, ms (policy debounce)   mw  max wait from the first request, ms
 --   nb  not_before, ms since the epoch          p   the payload (JSON text), kept to publish later
 -- A scheduled job's hash adds: due (ms since the epoch, Redis server time), payload, first (ms of

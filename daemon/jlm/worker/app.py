@@ -89,6 +89,7 @@ class Worker:
             Store(redis_client(settings, settings.redis_cluster), self._keys, self.metrics),
             settings.file.job_ttl,
             settings.file.terminal_ttl,
+            settings.file.max_history_jobs,
         )
         self._http: HttpServer | None = None
         if settings.worker_metrics_addr:

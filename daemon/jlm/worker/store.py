@@ -48,11 +48,14 @@ class Run:
 class WorkerStore:
     """One call per worker script; each is one round trip and one atomic step."""
 
-    def __init__(self, store: Store, job_ttl: int, terminal_ttl: int) -> None:
+    def __init__(
+        self, store: Store, job_ttl: int, terminal_ttl: int, max_history_jobs: int
+    ) -> None:
         self.store = store
         self.keys: Keys = store.keys
-        # Every script that can end a job gets both: a job's state after the call picks its TTL.
-        self._ttls = (job_ttl, terminal_ttl)
+        # Every script that can end a job gets all three: a job's state after the call picks its
+        # TTL, and a job that ends counts toward its scope's bound of terminal jobs.
+        self._ending = (job_ttl, terminal_ttl, max_history_jobs)
         for name in SCRIPTS:
             store.register(name)
 
@@ -75,7 +78,7 @@ class WorkerStore:
         return await self._facts(
             "claim",
             [k.job(job_id), k.history(job_id)],
-            [owner, now, lease_ms, max_attempts, HISTORY_BOUND, *self._ttls],
+            [owner, now, lease_ms, max_attempts, HISTORY_BOUND, *self._ending],
         )
 
     async def heartbeat(self, run: Run, lease_ms: int) -> str:
@@ -128,9 +131,9 @@ class WorkerStore:
                 max_attempts,
                 run.job_id,
                 HISTORY_BOUND,
-                self._ttls[0],
+                self._ending[0],
                 stop_note,
-                self._ttls[1],
+                *self._ending[1:],
             ],
         )
 
@@ -139,7 +142,7 @@ class WorkerStore:
         return await self._facts(
             "release",
             [k.job(run.job_id), k.history(run.job_id)],
-            [run.owner, run.claim, now, reason, HISTORY_BOUND, *self._ttls],
+            [run.owner, run.claim, now, reason, HISTORY_BOUND, *self._ending],
         )
 
 
