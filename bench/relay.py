@@ -76,7 +76,7 @@ async def relay(prefetch: int, echo: bool, contract: bool) -> None:
         if (echo or contract) and message.reply_to:
             # Like the daemon's reply: once the publishes are confirmed.
             await broker.reply(message.reply_to, message.correlation_id, {"success": True})
-        await message.ack()
+        await broker.ack(message)  # the daemon's own ack path (lean.Acks)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

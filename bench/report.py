@@ -115,6 +115,18 @@ def render(results: dict[str, Any], info: dict[str, Any]) -> str:  # noqa: C901 
                 f"p99 ratio **{d99 / r99:.2f}**; target ≤ 2: {_verdict(d99 <= 2 * r99)}",
             )
         )
+        c = results["latency"].get("contract")
+        if c:
+            c99 = percentile(c, 99)
+            rows.append(
+                (
+                    f"contract relay latency at {rate:,.0f}/s, publish → its reply (after the "
+                    "job's confirm, then the events')",
+                    f"p50 {percentile(c, 50) * 1e3:.1f} ms, p99 **{c99 * 1e3:.1f} ms**",
+                    f"daemon p99 / this: **{d99 / c99:.2f}**; target ≤ 2: "
+                    f"{_verdict(d99 <= 2 * c99)}",
+                )
+            )
     if "scope1" in results:
         one = _med([r.rate for r in results["scope1"]])
         rows.append(

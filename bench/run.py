@@ -239,12 +239,19 @@ class Bench:
         rate = daemon_max / 2
         self.results["latency_rate"] = rate
         out: dict[str, list[float]] = {}
-        for name in ("daemon", "relay"):
+        # The bare relay answers after its one confirm; the contract relay after the job's
+        # confirm and then the events' (the daemon's order), deciding nothing.
+        for name in ("daemon", "relay", "contract"):
             await self.fresh_queues()
             proc = (
                 start_daemon(self.daemon_env())
                 if name == "daemon"
-                else start_relay(self.daemon_env(), self.args.relay_prefetch, echo=True)
+                else start_relay(
+                    self.daemon_env(),
+                    self.args.relay_prefetch,
+                    echo=True,
+                    contract=name == "contract",
+                )
             )
             try:
                 if name == "daemon":

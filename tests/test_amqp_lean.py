@@ -5,11 +5,13 @@ fails loudly (an ERROR, aiormq's own path kept) when the AMQP library under it c
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import tomllib
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import pamqp.frame
@@ -147,6 +149,44 @@ def test_acks_above_a_gap_that_never_closes_go_one_by_one(
         [(6, False), (7, False)],
     ]  # fmt: skip
     assert "acks go one by one" in caplog.text
+
+
+class _Channel:
+    """What LeanChannel uses of an aiormq channel, for the timer logic alone (no I/O)."""
+
+    def __init__(self) -> None:
+        self.number, self.delivery_tag, self.max_content_size = 1, 0, 1000
+        self.publisher_confirms, self.is_closed = True, False
+        self.confirmations: dict[int, object] = collections.OrderedDict()
+        self.message_id_delivery_tag: dict[str, int] = {}
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+
+@pytest.mark.unit
+def test_a_confirm_not_in_within_the_timeout_fails_and_the_rest_settle() -> None:
+    async def run() -> None:
+        written: list[bytes] = []
+        ch = _Channel()
+        channel = lean.LeanChannel(ch, written.append, lambda: False, confirm_timeout=0.2)  # type: ignore[arg-type]
+        futures = [channel.publish("x", "k", b"{}", b"\x00\x00") for _ in range(3)]
+        assert len(written) == 3
+        await ch._on_confirm_frame(Basic.Ack(delivery_tag=1))  # type: ignore[attr-defined]
+        assert futures[0] is not None
+        assert isinstance(futures[0].result(), Basic.Ack)
+        await asyncio.sleep(0.4)
+        for f in futures[1:]:
+            assert f is not None
+            assert isinstance(f.exception(), TimeoutError)
+        # All confirmed in time: nothing fails, and the timer stops.
+        more = [channel.publish("x", "k", b"{}", b"\x00\x00") for _ in range(2)]
+        await ch._on_confirm_frame(Basic.Ack(delivery_tag=5, multiple=True))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.3)
+        assert all(f is not None and isinstance(f.result(), Basic.Ack) for f in more)
+        assert channel._watch is None
+
+    asyncio.run(run())
 
 
 # -- against RabbitMQ ------------------------------------------------------------------------
@@ -316,3 +356,41 @@ def test_the_installed_release_is_within_the_pinned_minor_release(package: str) 
     upper = [s for s in pin.specifier if s.operator == "<"]
     assert [s.version.count(".") for s in upper] == [1], f"{pin}: no minor-release cap"
     assert pin.specifier.contains(version(package)), f"{package} {version(package)} is not {pin}"
+
+
+async def test_a_delivery_reads_as_aio_pikas_incoming_message(settings: Settings) -> None:
+    """The same message read by the daemon's lean consumer and by aio-pika: every field the
+    daemon reads is equal."""
+    fields = ("body", "headers", "content_type", "content_encoding", "message_id",
+              "correlation_id", "reply_to", "user_id", "type", "redelivered")  # fmt: skip
+    conn = await aio_pika.connect_robust(settings.amqp_url)
+    broker = Broker(settings, Metrics())
+    await broker.open()
+    try:
+        channel = await conn.channel()
+        plain = await channel.declare_queue("lean-plain")
+        message = aio_pika.Message(
+            b'{"a": 1}', headers={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+                                  "n": 7, "list": [1, "x"]},
+            content_type="application/json", content_encoding="utf-8", message_id="mid",
+            correlation_id="cid", reply_to="rq", type="t", user_id="guest",
+        )  # fmt: skip
+        await channel.default_exchange.publish(message, routing_key="lean-plain")
+        await channel.default_exchange.publish(message, routing_key="jlm.requests")
+        got: asyncio.Future[lean.Incoming] = asyncio.get_running_loop().create_future()
+
+        async def on_message(m: lean.Incoming) -> None:
+            got.set_result(m)
+            await broker.ack(m)
+
+        await broker.consume(on_message)
+        lean_one = await asyncio.wait_for(got, 10)
+        assert isinstance(lean_one, lean.Delivery)
+        aio_one = await plain.get(no_ack=True)
+        for name in fields:
+            assert getattr(lean_one, name) == getattr(aio_one, name), name
+        assert (lean_one.routing_key, aio_one.routing_key) == ("jlm.requests", "lean-plain")
+        assert lean_one.headers["n"] == 7
+    finally:
+        await broker.close()
+        await conn.close()

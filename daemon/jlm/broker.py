@@ -16,7 +16,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractExchange,
-    AbstractIncomingMessage,
 )
 from aiormq.exceptions import (
     AMQPError,
@@ -29,6 +28,7 @@ from pamqp.commands import Basic
 
 from jlm.amqp import lean
 from jlm.amqp.connect import why
+from jlm.amqp.lean import Incoming
 from jlm.amqp.names import DEAD, EVENTS, JOBS, JSON, PROVENANCE, REQUESTS
 from jlm.amqp.session import AmqpSession, Callback, Outgoing, cancelled_here, raw_channel
 from jlm.config import Settings
@@ -253,7 +253,7 @@ class Broker(AmqpSession):
         if failure is not None:
             raise failure
 
-    async def dead_letter(self, message: AbstractIncomingMessage, code: str, reason: str) -> None:
+    async def dead_letter(self, message: Incoming, code: str, reason: str) -> None:
         """Copy a rejected request to jlm.dead with the reason in its headers.
 
         The body is kept whole up to `dead_letter_max_bytes`; a longer one is cut there and the

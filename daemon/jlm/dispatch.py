@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from aio_pika.abc import AbstractIncomingMessage
 from aiormq.exceptions import AMQPError
 
 from jlm import otel
+from jlm.amqp.lean import Incoming
 from jlm.amqp.transport import UNDECODABLE
 from jlm.broker import Broker
 from jlm.config import OPERATIONS, Settings
@@ -83,7 +83,7 @@ class Dispatcher:
         # Test hook: called after a decision is committed in Redis, before anything is published.
         self.after_decision: Callable[[Outcome], Awaitable[None]] | None = None
 
-    async def on_message(self, broker: Broker, message: AbstractIncomingMessage) -> None:
+    async def on_message(self, broker: Broker, message: Incoming) -> None:
         started = time.perf_counter()
         op = message.routing_key or ""
         op_label = op if op in OPERATIONS else "unknown"
@@ -126,7 +126,7 @@ class Dispatcher:
     async def _serve(
         self,
         broker: Broker,
-        message: AbstractIncomingMessage,
+        message: Incoming,
         op: str,
         ctx: Context,
         trace: TraceContext,
@@ -170,9 +170,7 @@ class Dispatcher:
         )
         return "ok"
 
-    def _parse(
-        self, message: AbstractIncomingMessage, op: str, ctx: Context
-    ) -> tuple[Request, Context]:
+    def _parse(self, message: Incoming, op: str, ctx: Context) -> tuple[Request, Context]:
         """The request and its context (with its digest); a JlmError for one never valid."""
         undecodable = (message.headers or {}).get(UNDECODABLE)
         if undecodable is not None:
@@ -267,7 +265,7 @@ class Dispatcher:
     async def _reject(
         self,
         broker: Broker,
-        message: AbstractIncomingMessage,
+        message: Incoming,
         op: str,
         error: JlmError,
         ctx: Context,
@@ -303,7 +301,7 @@ class Dispatcher:
     async def _answer(
         self,
         broker: Broker,
-        message: AbstractIncomingMessage,
+        message: Incoming,
         reply: dict[str, Any],
         headers: dict[str, str],
         *,

@@ -14,7 +14,9 @@ daemon's CPU (docs/performance.md). Here, for the channels a session publishes a
   handler): a `multiple` confirm pops from the oldest outstanding tag and stops at the first
   newer one;
 - acks are written as frames too, and those of one loop turn go as one `multiple` ack up to the
-  lowest delivery still being handled, the rest one by one (`Acks`).
+  lowest delivery still being handled, the rest one by one (`Acks`);
+- a delivery is handed to the daemon as it came from aiormq's frames (`Delivery`): aio-pika's
+  IncomingMessage copied every property into a new object and ran the callback in a second task.
 
 What this takes from aiormq (the channel's `delivery_tag` counter, `confirmations` and
 `message_id_delivery_tag` maps, `_on_confirm_frame` hook, `max_content_size`, `create_future`)
@@ -32,12 +34,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 from importlib.metadata import version
-from typing import Any
+from typing import Any, Protocol
 
 import aiormq
-from aiormq.abc import ConfirmationFrameType
+from aiormq.abc import ConfirmationFrameType, DeliveredMessage
 from aiormq.exceptions import ChannelInvalidStateError, DeliveryError
 from pamqp import encode
 from pamqp.commands import Basic
@@ -159,12 +162,21 @@ class LeanChannel:
     a closed channel fails it with the channel's error. Without confirms it returns None.
     """
 
-    def __init__(self, channel: aiormq.Channel, write: Write, is_closing: Callable[[], bool]):
+    def __init__(
+        self, channel: aiormq.Channel, write: Write, is_closing: Callable[[], bool], *,
+        confirm_timeout: float = 30.0,
+    ) -> None:  # fmt: skip
         self._ch = channel
         self._write = write
         self._is_closing = is_closing
         self._confirms = channel.publisher_confirms
         self._ids: dict[int, str] = {}  # delivery tag -> message id, mandatory messages only
+        # Confirms not in after `confirm_timeout` fail with TimeoutError: one timer looks at the
+        # oldest outstanding publish now and then, instead of a timer per publish.
+        self._timeout = confirm_timeout
+        self._sent: deque[tuple[int, float]] = deque()  # (delivery tag, when), oldest first
+        self._watch: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
         if self._confirms:
             # An instance attribute: aiormq's reader looks the handler up on the channel.
             channel._on_confirm_frame = self._on_confirm  # type: ignore[method-assign]
@@ -176,6 +188,8 @@ class LeanChannel:
         ch = self._ch
         if ch.is_closed or self._is_closing():
             raise ChannelInvalidStateError(f"channel {ch.number} is closed")
+        if mandatory and self._confirms and not message_id:
+            raise ValueError("a mandatory message needs a message id (returns find it by it)")
         frames = publish_frames(
             ch.number, exchange, routing_key, body,
             props=props, mandatory=mandatory, max_body=ch.max_content_size,
@@ -187,12 +201,29 @@ class LeanChannel:
             confirm = ch.create_future()
             ch.confirmations[tag] = confirm
             if mandatory:
-                if not message_id:
-                    raise ValueError("a mandatory message needs a message id (returns find it)")
                 self._ids[tag] = message_id
                 ch.message_id_delivery_tag[message_id] = tag
+            self._sent.append((tag, self._loop.time()))
+            if self._watch is None:
+                self._watch = self._loop.call_later(self._timeout / 4, self._check)
         self._write(frames)
         return confirm
+
+    def _check(self) -> None:
+        """Fail every outstanding confirm once the oldest has waited `confirm_timeout`."""
+        self._watch = None
+        pending, sent = self._ch.confirmations, self._sent
+        while sent and sent[0][0] not in pending:
+            sent.popleft()
+        if not sent:
+            return
+        if self._loop.time() - sent[0][1] < self._timeout:
+            self._watch = self._loop.call_later(self._timeout / 4, self._check)
+            return
+        sent.clear()
+        for future in list(pending.values()):
+            if isinstance(future, asyncio.Future) and not future.done():
+                future.set_exception(TimeoutError(f"no confirm in {self._timeout:.0f}s"))
 
     async def _on_confirm(self, frame: ConfirmationFrameType) -> None:
         pending = self._ch.confirmations
@@ -207,6 +238,9 @@ class LeanChannel:
             if oldest > tag:
                 break
             self._settle(oldest, pending.pop(oldest), frame)
+        sent = self._sent
+        while sent and sent[0][0] <= tag:
+            sent.popleft()
 
     def _settle(self, tag: int, future: object, frame: ConfirmationFrameType) -> None:
         message_id = self._ids.pop(tag, None)
@@ -273,3 +307,80 @@ class Acks:
         if len(above) > self.MAX_ABOVE:
             log.warning("channel %d: a delivery stays unacked; acks go one by one", self._number)
             self._above = None
+
+
+class Incoming(Protocol):
+    """What the daemon reads of a delivery: aio-pika's IncomingMessage has it, and `Delivery`."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, Any]: ...
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel: ...
+    @property
+    def delivery_tag(self) -> int | None: ...
+    @property
+    def redelivered(self) -> bool | None: ...
+    @property
+    def routing_key(self) -> str | None: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def content_encoding(self) -> str | None: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def reply_to(self) -> str | None: ...
+    @property
+    def user_id(self) -> str | None: ...
+    @property
+    def type(self) -> str | None: ...
+
+
+class Delivery:
+    """One delivery as aiormq read it: the body, the routing data and the properties the
+    daemon reads, looked up on pamqp's properties when asked."""
+
+    __slots__ = ("_props", "body", "channel", "delivery_tag", "headers", "redelivered",
+                 "routing_key")  # fmt: skip
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        props = message.header.properties
+        self._props = props
+        self.body: bytes = message.body
+        self.channel: aiormq.abc.AbstractChannel = message.channel
+        self.delivery_tag = message.delivery_tag
+        self.redelivered = message.redelivered
+        self.routing_key = message.routing_key
+        self.headers: Mapping[str, Any] = props.headers or {}
+
+    @property
+    def content_type(self) -> str | None:
+        return self._props.content_type
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self._props.content_encoding
+
+    @property
+    def message_id(self) -> str | None:
+        return self._props.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._props.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._props.reply_to
+
+    @property
+    def user_id(self) -> str | None:
+        return self._props.user_id
+
+    @property
+    def type(self) -> str | None:
+        return self._props.message_type

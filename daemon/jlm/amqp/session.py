@@ -15,9 +15,9 @@ import orjson
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import AMQPError, DeliveryError, PublishError
 from pamqp.commands import Basic
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # Longest wait for a publisher confirm; a persistent message is normally confirmed in ms.
 CONFIRM_TIMEOUT = 30.0
 
-Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
+Callback = Callable[[lean.Incoming], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,16 +171,30 @@ class AmqpSession:
             )  # fmt: skip
             return None
         assert writer is not None
-        return lean.LeanChannel(raw, writer.write, writer.is_closing)
+        return lean.LeanChannel(
+            raw, writer.write, writer.is_closing, confirm_timeout=CONFIRM_TIMEOUT
+        )
 
     def _writer(self) -> CoalescingWriter | None:
         conn = self.connection
         return conn.factory.writer if isinstance(conn, CoalescingConnection) else None
 
     async def _start_consuming(self, callback: Callback) -> None:
+        """Consume the session's queue: by the lean path (`lean.Delivery` straight from aiormq)
+        where the consume channel has it, else through aio-pika."""
         assert self._consume_queue is not None
         try:
-            self._consumer_tag = await self._consume_queue.consume(callback, no_ack=False)
+            if self._acks_channel is not None:
+
+                async def on_delivery(message: DeliveredMessage) -> None:
+                    await callback(lean.Delivery(message))
+
+                ok = await self._acks_channel.basic_consume(
+                    self._consume_queue.name, on_delivery, no_ack=False
+                )
+                self._consumer_tag = ok.consumer_tag
+            else:
+                self._consumer_tag = await self._consume_queue.consume(callback, no_ack=False)
         except (AMQPError, OSError, RuntimeError) as exc:
             raise Unavailable(f"rabbitmq: consume: {why(exc)}", "rabbitmq") from exc
 
@@ -188,7 +202,10 @@ class AmqpSession:
         if self._consume_queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
-                await self._consume_queue.cancel(tag)
+                if self._acks_channel is not None:
+                    await self._acks_channel.basic_cancel(tag)
+                else:
+                    await self._consume_queue.cancel(tag)
             except (AMQPError, OSError, RuntimeError) as exc:
                 log.debug("cancel consumer: %s", exc)
 
@@ -204,40 +221,74 @@ class AmqpSession:
     def _returned(self) -> None:
         """A mandatory message came back unroutable (the daemon forgets its declarations)."""
 
-    async def _confirmed(self, m: Outgoing) -> None:
-        """Publish one message and wait for its confirm (callers bound the wait)."""
-        try:
-            if self._lean_publish is not None:
-                confirm_of = self._lean_publish.publish(
-                    m.exchange, m.routing_key, m.body, m.header,
-                    mandatory=m.mandatory, message_id=m.message_id,
-                )  # fmt: skip
-                confirm = await confirm_of if confirm_of is not None else None
-            else:
-                # aiormq's own path, without waiting for the frame to reach the socket.
-                channel = await raw_channel(self._publish_ch)
-                confirm = await channel.basic_publish(
-                    m.body,
-                    exchange=m.exchange,
-                    routing_key=m.routing_key,
-                    properties=m.properties(),
-                    mandatory=m.mandatory,
-                    wait=False,
-                )
-        except PublishError as exc:
+    def _failure(
+        self, m: Outgoing, exc: BaseException | None, confirm: object
+    ) -> Unavailable | None:
+        """What a publish came to: None when the broker confirmed it (`confirm` a Basic.Ack)."""
+        if isinstance(exc, PublishError):
             # Returned: nothing is bound for it (e.g. the job queue was deleted).
             self._returned()
-            raise Unavailable(
-                f"rabbitmq: unroutable message to {m.exchange}/{m.routing_key}",
-                "rabbitmq",
-            ) from exc
-        except (DeliveryError, AMQPError, OSError, RuntimeError) as exc:
-            raise Unavailable(f"rabbitmq: publish failed: {why(exc)}", "rabbitmq") from exc
+            return Unavailable(f"rabbitmq: unroutable message to {m.exchange}/{m.routing_key}",
+                               "rabbitmq")  # fmt: skip
+        if exc is not None:
+            return Unavailable(f"rabbitmq: publish failed: {why(exc)}", "rabbitmq")
         if not isinstance(confirm, Basic.Ack):
-            raise Unavailable(
-                f"rabbitmq: broker refused a message to {m.exchange}/{m.routing_key}",
-                "rabbitmq",
+            return Unavailable(
+                f"rabbitmq: broker refused a message to {m.exchange}/{m.routing_key}", "rabbitmq"
             )
+        return None
+
+    async def _confirmed(self, m: Outgoing) -> Unavailable | None:
+        """aiormq's own path: publish one message and wait for its confirm (callers bound the
+        wait), without waiting for the frame to reach the socket."""
+        try:
+            channel = await raw_channel(self._publish_ch)
+            confirm = await channel.basic_publish(
+                m.body,
+                exchange=m.exchange,
+                routing_key=m.routing_key,
+                properties=m.properties(),
+                mandatory=m.mandatory,
+                wait=False,
+            )
+        except (PublishError, DeliveryError, AMQPError, OSError, RuntimeError) as exc:
+            return self._failure(m, exc, None)
+        return self._failure(m, None, confirm)
+
+    async def _confirmed_lean(
+        self, lean_ch: lean.LeanChannel, todo: list[Outgoing]
+    ) -> list[Unavailable | None]:
+        """The lean path: every message written at once, then their confirms awaited in turn
+        (no task or timer per message: the channel fails a confirm not in within
+        CONFIRM_TIMEOUT with TimeoutError, raised here)."""
+        sent: list[asyncio.Future[Any] | Unavailable | None] = []
+        for m in todo:
+            try:
+                sent.append(lean_ch.publish(
+                    m.exchange, m.routing_key, m.body, m.header,
+                    mandatory=m.mandatory, message_id=m.message_id,
+                ))  # fmt: skip
+            except (AMQPError, OSError, RuntimeError, ValueError) as exc:
+                sent.append(self._failure(m, exc, None))
+        results: list[Unavailable | None] = []
+        late = False
+        for m, f in zip(todo, sent, strict=True):
+            if not isinstance(f, asyncio.Future):
+                results.append(f)
+                continue
+            try:
+                results.append(self._failure(m, None, await f))
+            except TimeoutError:
+                late = True
+            except asyncio.CancelledError:
+                if cancelled_here():
+                    raise
+                results.append(Unavailable("rabbitmq: publish failed: cancelled", "rabbitmq"))
+            except (PublishError, DeliveryError, AMQPError, OSError, RuntimeError) as exc:
+                results.append(self._failure(m, exc, None))
+        if late:
+            raise TimeoutError
+        return results
 
     async def publish_confirmed(self, messages: list[Outgoing], done: set[str]) -> None:
         """Publish the messages not in `done` at once; add each confirmed one's id to `done`.
@@ -249,11 +300,11 @@ class AmqpSession:
         if not todo:
             return
         try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT):
-                if len(todo) == 1:
-                    results: list[BaseException | None] = [await self._confirm_one(todo[0])]
-                else:
-                    results = await asyncio.gather(*(self._confirm_one(m) for m in todo))
+            if self._lean_publish is not None:
+                results = await self._confirmed_lean(self._lean_publish, todo)
+            else:
+                async with asyncio.timeout(CONFIRM_TIMEOUT):
+                    results = list(await asyncio.gather(*(self._confirmed(m) for m in todo)))
         except TimeoutError as exc:
             # RabbitMQ 3.10 can lose the confirm of a message sent to a stream (or replicated
             # queue) whose leader node just died (tests/cluster). The channel is not trusted
@@ -261,7 +312,7 @@ class AmqpSession:
             log.warning("no confirm from the broker in %.0fs: ending the session", CONFIRM_TIMEOUT)
             self.closed.set()
             raise Unavailable("rabbitmq: no confirm from the broker", "rabbitmq") from exc
-        failure: BaseException | None = None
+        failure: Unavailable | None = None
         for message, result in zip(todo, results, strict=True):
             if result is None:
                 done.add(message.message_id)
@@ -270,14 +321,7 @@ class AmqpSession:
         if failure is not None:
             raise failure
 
-    async def _confirm_one(self, m: Outgoing) -> BaseException | None:
-        try:
-            await self._confirmed(m)
-        except Unavailable as exc:
-            return exc
-        return None
-
-    async def ack(self, message: AbstractIncomingMessage) -> None:
+    async def ack(self, message: lean.Incoming) -> None:
         """Ack a delivery, without waiting for the frame to reach the socket: on the consume
         channel by the lean path (`lean.Acks`: one `multiple` ack for a turn's run), elsewhere on
         its own channel.
