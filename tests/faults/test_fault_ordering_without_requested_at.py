@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -30,8 +31,15 @@ DELAY_MS = 4
 
 
 async def test_three_daemons_never_drop_a_replace_without_requested_at(
-    spawn: DaemonFactory, amqp_url: str, shared_redis: aioredis.Redis, namespace: str
+    spawn: DaemonFactory,
+    amqp_url: str,
+    shared_redis: aioredis.Redis,
+    namespace: str,
+    tmp_path: Path,
 ) -> None:
+    # Every job decided is counted below: a scope keeps all of its ended ones here.
+    config = tmp_path / "jlm.toml"
+    config.write_text(f"max_history_jobs = {REQUESTS}\n")
     daemons = [
         spawn(
             f"d{i}",
@@ -39,6 +47,7 @@ async def test_three_daemons_never_drop_a_replace_without_requested_at(
             module="tests.faults.launcher",
             JLM_TEST_FAULT=f"delay_decision:{DELAY_MS}:{1000 + i}",
             JLM_PREFETCH="100",
+            JLM_CONFIG=str(config),
         ).start()
         for i in range(INSTANCES)
     ]

@@ -176,8 +176,11 @@ async def test_a_daemon_dead_after_its_take_loses_nothing(
     store = Store(connect(REDIS_URL), Keys(namespace), Metrics(process=False))
     due = DueSets(store, 3600)
     taken_at = time.time()
-    for job_id in ids:
-        assert await due.take(due_slot(job_id), BATCH, LEASE_MS) == [job_id]
+    # Both ids may share a due set (1 in 16): each set is taken once, and holds its own ids.
+    taken = []
+    for slot in sorted({due_slot(job_id) for job_id in ids}):
+        taken += await due.take(slot, BATCH, LEASE_MS)
+    assert sorted(taken) == sorted(ids)
     promoted = await due.promote(ids[1], LEASE_MS)
     assert promoted.verdict == "publish"
     await store.close()
