@@ -48,8 +48,8 @@ headers = st.dictionaries(st.text(min_size=1, max_size=20), header_values, max_s
     message_type=st.none() | shortstr,
 )
 def test_properties_are_pamqps_byte_for_byte(**values: object) -> None:
-    expected = Basic.Properties(**values).marshal()  # type: ignore[arg-type]
-    assert lean.properties(**values) == expected  # type: ignore[arg-type]
+    expected = Basic.Properties(**values).marshal()
+    assert lean.properties(**values) == expected
 
 
 @pytest.mark.unit
@@ -84,7 +84,7 @@ def test_publish_frames_decode_as_sent(
     assert header.body_size == len(body)
     assert header.properties == props
     assert all(isinstance(b, ContentBody) and 0 < len(b.value) <= max_body for b in bodies)
-    assert b"".join(b.value for b in bodies) == body  # type: ignore[attr-defined]
+    assert b"".join(b.value for b in bodies) == body
 
 
 @pytest.mark.unit
@@ -169,10 +169,10 @@ def test_a_confirm_not_in_within_the_timeout_fails_and_the_rest_settle() -> None
     async def run() -> None:
         written: list[bytes] = []
         ch = _Channel()
-        channel = lean.LeanChannel(ch, written.append, lambda: False, confirm_timeout=0.2)  # type: ignore[arg-type]
+        channel = lean.LeanChannel(ch, written.append, lambda: False, confirm_timeout=0.2)
         futures = [channel.publish("x", "k", b"{}", b"\x00\x00") for _ in range(3)]
         assert len(written) == 3
-        await ch._on_confirm_frame(Basic.Ack(delivery_tag=1))  # type: ignore[attr-defined]
+        await ch._on_confirm_frame(Basic.Ack(delivery_tag=1))
         assert futures[0] is not None
         assert isinstance(futures[0].result(), Basic.Ack)
         await asyncio.sleep(0.4)
@@ -181,7 +181,7 @@ def test_a_confirm_not_in_within_the_timeout_fails_and_the_rest_settle() -> None
             assert isinstance(f.exception(), TimeoutError)
         # All confirmed in time: nothing fails, and the timer stops.
         more = [channel.publish("x", "k", b"{}", b"\x00\x00") for _ in range(2)]
-        await ch._on_confirm_frame(Basic.Ack(delivery_tag=5, multiple=True))  # type: ignore[attr-defined]
+        await ch._on_confirm_frame(Basic.Ack(delivery_tag=5, multiple=True))
         await asyncio.sleep(0.3)
         assert all(f is not None and isinstance(f.result(), Basic.Ack) for f in more)
         assert channel._watch is None
