@@ -51,6 +51,8 @@ def request_queue_arguments(settings: Settings) -> dict[str, Any]:
 class Broker(AmqpSession):
     """One AMQP session: consume channel, confirmed publish channel, reply channel."""
 
+    lean_consume = True  # every request is settled by `ack`
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         super().__init__(settings, "jlm daemon")
         self._metrics = metrics

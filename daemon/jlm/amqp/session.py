@@ -116,6 +116,10 @@ class AmqpSession:
     """One AMQP connection with a consumer and a confirmed publish channel; the daemon's `Broker`
     and the worker's `WorkerBroker` are two kinds of it."""
 
+    # Whether the consume channel is read and acked by the lean path (`_start_consuming`,
+    # `ack`): then every settlement of its deliveries must go through `ack` (lean.Acks).
+    lean_consume = False
+
     def __init__(self, settings: Settings, name: str) -> None:
         self._settings = settings
         self._name = name  # the connection name the broker shows
@@ -139,7 +143,11 @@ class AmqpSession:
             await self._setup(conn)
             self._lean_publish = await self.lean_channel(self._publish_ch)
             writer = self._writer()
-            if writer is not None and await self.lean_channel(self._consume_ch):
+            if (
+                self.lean_consume
+                and writer is not None
+                and await self.lean_channel(self._consume_ch)
+            ):
                 self._acks_channel = await raw_channel(self._consume_ch)
                 self._acks = lean.Acks(self._acks_channel.number, writer.write, writer.is_closing)
         except Unavailable:
