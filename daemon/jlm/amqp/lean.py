@@ -13,8 +13,9 @@ daemon's CPU (docs/performance.md). Here, for the channels a session publishes a
 - a publisher confirm resolves its future directly (`LeanChannel` replaces the channel's confirm
   handler): a `multiple` confirm pops from the oldest outstanding tag and stops at the first
   newer one;
-- acks are written as frames too, and those of one loop turn go as one `multiple` ack up to the
-  lowest delivery still being handled, the rest one by one (`Acks`);
+- acks are written as frames too: those of one loop turn that continue the run of acked
+  deliveries go as one `multiple` ack, the rest (above one still being handled) one by one
+  (`Acks`);
 - a delivery is handed to the daemon as it came from aiormq's frames (`Delivery`): aio-pika's
   IncomingMessage copied every property into a new object and ran the callback in a second task.
 
