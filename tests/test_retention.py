@@ -402,6 +402,50 @@ async def test_the_bound_recorded_at_the_decision_applies_whoever_ends_the_job(
     await assert_kept(s, unrecorded + counted[-KEPT:], counted[:-KEPT])
 
 
+async def _bound_step(
+    s: Scripts, n: int, op: tuple[Any, ...], jobs: list[str], runs: dict[str, Run]
+) -> None:
+    """Apply one drawn step (BOUND_OPS) to the scope."""
+    if op[0] == "manage":
+        jobs.append(await s.enqueue(cancel_running=op[1]))
+        return
+    if not jobs:
+        return
+    job = jobs[-1 - op[1] % len(jobs)]
+    if op[0] == "claim":
+        facts = await s.claim(job, f"w{n}", lease_ms=op[2], max_attempts=2)
+        if facts.o == "claimed":
+            runs[job] = run_of(facts, job, f"w{n}")
+    elif op[0] == "finish" and job in runs:
+        await s.finish(runs[job], op[2], '"v"', max_attempts=2)
+    elif op[0] == "cancel":
+        with contextlib.suppress(NotFound):  # an evicted job
+            await s.cancel(job)
+    elif op[0] == "release" and job in runs:
+        await s.ws.release(runs[job], now(), "r")
+
+
+async def _check_bound(s: Scripts, kept: int, jobs: list[str], ended: list[str]) -> None:
+    """The scope's terminal jobs after a step: the newest `kept`, named by its ended set; `ended`
+    gains the jobs that became terminal in the step."""
+    states = {j: (await s.job(j)).get("state") for j in jobs}
+    for j in jobs:
+        if j not in ended and states[j] in TERMINAL:
+            ended.append(j)
+        if j not in ended:
+            assert states[j] is not None, "only a terminal job is ever deleted"
+    terminal = {j for j in jobs if states[j] in TERMINAL}
+    assert len(terminal) <= kept, "a scope keeps at most max_history_jobs terminal jobs"
+    assert terminal == set(ended[-kept:]), "the newest terminal jobs are the ones kept"
+    for j in ended[:-kept]:
+        assert await s.redis.exists(s.keys.job(j), s.keys.history(j)) == 0
+    members = [m.decode() for m in await s.redis.zrange(ended_key(s), 0, -1)]
+    assert members == ended[-kept:]
+    current = (await s.redis.hget(s.keys.scope(scope_tag("p", T), "p", T), "job") or b"").decode()
+    if states.get(current) in LIVE:
+        assert current not in members, "the scope's live job is never in its ended set"
+
+
 # A step on one scope: (manage, cancel_running) | (claim, job, lease ms) | (finish, job, outcome) |
 # (cancel, job) | (release, job); a job is picked from the newest back. `manage` is drawn twice as
 # often: each one can end a job.
@@ -433,7 +477,7 @@ def test_any_sequence_keeps_a_scope_within_its_bound(
     )
 
 
-async def _bounded(settings: Settings, ops: list[tuple[Any, ...]]) -> None:  # noqa: C901 a dispatcher of steps
+async def _bounded(settings: Settings, ops: list[tuple[Any, ...]]) -> None:
     kept = settings.file.max_history_jobs
     namespace = f"jlmp{uuid.uuid4().hex[:10]}"
     metrics = Metrics()
@@ -452,39 +496,8 @@ async def _bounded(settings: Settings, ops: list[tuple[Any, ...]]) -> None:  # n
     ended: list[str] = []  # jobs in the order they became terminal
     try:
         for n, op in enumerate(ops):
-            if op[0] == "manage":
-                jobs.append(await s.enqueue(cancel_running=op[1]))
-            elif jobs:
-                job = jobs[-1 - op[1] % len(jobs)]
-                if op[0] == "claim":
-                    facts = await s.claim(job, f"w{n}", lease_ms=op[2], max_attempts=2)
-                    if facts.o == "claimed":
-                        runs[job] = run_of(facts, job, f"w{n}")
-                elif op[0] == "finish" and job in runs:
-                    await s.finish(runs[job], op[2], '"v"', max_attempts=2)
-                elif op[0] == "cancel":
-                    with contextlib.suppress(NotFound):  # an evicted job
-                        await s.cancel(job)
-                elif op[0] == "release" and job in runs:
-                    await s.ws.release(runs[job], now(), "r")
-            states = {j: (await s.job(j)).get("state") for j in jobs}
-            for j in jobs:
-                if j not in ended and states[j] in TERMINAL:
-                    ended.append(j)
-                if j not in ended:
-                    assert states[j] is not None, "only a terminal job is ever deleted"
-            terminal = {j for j in jobs if states[j] in TERMINAL}
-            assert len(terminal) <= kept, "a scope keeps at most max_history_jobs terminal jobs"
-            assert terminal == set(ended[-kept:]), "the newest terminal jobs are the ones kept"
-            for j in ended[:-kept]:
-                assert await redis.exists(keys.job(j), keys.history(j)) == 0
-            members = [m.decode() for m in await redis.zrange(ended_key(s), 0, -1)]
-            assert members == ended[-kept:]
-            current = (
-                await redis.hget(keys.scope(scope_tag("p", T), "p", T), "job") or b""
-            ).decode()
-            if states.get(current) in LIVE:
-                assert current not in members, "the scope's live job is never in its ended set"
+            await _bound_step(s, n, op, jobs, runs)
+            await _check_bound(s, kept, jobs, ended)
         event(f"terminal jobs deleted: {len(ended) > kept}")
     finally:
         await delete_namespace(redis, namespace)
