@@ -24,7 +24,6 @@ from aiormq.exceptions import (
     ChannelPreconditionFailed,
 )
 from pamqp import encode as amqp_encode
-from pamqp.commands import Basic
 
 from jlm.amqp import lean
 from jlm.amqp.connect import why
@@ -314,26 +313,18 @@ class Broker(AmqpSession):
         assert self._reply_ch is not None
         body_bytes = orjson.dumps(body)
         try:
+            # ValueError: a correlation id that does not fit an AMQP short string.
+            props = lean.properties(
+                content_type=JSON, headers=dict(headers or {}), delivery_mode=1, priority=0,
+                correlation_id=correlation_id,
+            )  # fmt: skip
             # Written behind nothing but earlier frames: the ack that follows leaves after it.
             if self._lean_reply is not None:
-                props = lean.properties(
-                    content_type=JSON, headers=dict(headers or {}), delivery_mode=1, priority=0,
-                    correlation_id=correlation_id,
-                )  # fmt: skip
                 self._lean_reply.publish("", reply_to, body_bytes, props)
             else:
                 channel = await raw_channel(self._reply_ch)
                 await channel.basic_publish(
-                    body_bytes,
-                    routing_key=reply_to,
-                    properties=Basic.Properties(
-                        content_type=JSON,
-                        headers=dict(headers or {}),
-                        delivery_mode=1,
-                        priority=0,
-                        correlation_id=correlation_id,
-                    ),
-                    wait=False,
+                    body_bytes, routing_key=reply_to, properties=lean.decoded(props), wait=False
                 )
         except (AMQPError, OSError, RuntimeError, ValueError) as exc:
             log.warning("reply to %s not sent: %s", reply_to[:100], why(exc))

@@ -105,6 +105,13 @@ def encoded(props: Basic.Properties) -> bytes:
     return props.marshal()
 
 
+def decoded(data: bytes) -> Basic.Properties:
+    """Encoded properties as pamqp's object again (aiormq's own publish path)."""
+    props = Basic.Properties()
+    props.unmarshal(struct.unpack(">H", data[:2])[0], data[2:])
+    return props
+
+
 _routes: dict[tuple[str, str, bool], bytes] = {}
 
 
@@ -343,45 +350,24 @@ class Incoming(Protocol):
 
 class Delivery:
     """One delivery as aiormq read it: the body, the routing data and the properties the
-    daemon reads, looked up on pamqp's properties when asked."""
+    daemon reads, as plain attributes."""
 
-    __slots__ = ("_props", "body", "channel", "delivery_tag", "headers", "redelivered",
-                 "routing_key")  # fmt: skip
+    __slots__ = ("body", "channel", "content_encoding", "content_type", "correlation_id",
+                 "delivery_tag", "headers", "message_id", "redelivered", "reply_to",
+                 "routing_key", "type", "user_id")  # fmt: skip
 
     def __init__(self, message: DeliveredMessage) -> None:
         props = message.header.properties
-        self._props = props
         self.body: bytes = message.body
         self.channel: aiormq.abc.AbstractChannel = message.channel
         self.delivery_tag = message.delivery_tag
         self.redelivered = message.redelivered
         self.routing_key = message.routing_key
         self.headers: Mapping[str, Any] = props.headers or {}
-
-    @property
-    def content_type(self) -> str | None:
-        return self._props.content_type
-
-    @property
-    def content_encoding(self) -> str | None:
-        return self._props.content_encoding
-
-    @property
-    def message_id(self) -> str | None:
-        return self._props.message_id
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self._props.correlation_id
-
-    @property
-    def reply_to(self) -> str | None:
-        return self._props.reply_to
-
-    @property
-    def user_id(self) -> str | None:
-        return self._props.user_id
-
-    @property
-    def type(self) -> str | None:
-        return self._props.message_type
+        self.content_type = props.content_type
+        self.content_encoding = props.content_encoding
+        self.message_id = props.message_id
+        self.correlation_id = props.correlation_id
+        self.reply_to = props.reply_to
+        self.user_id = props.user_id
+        self.type = props.message_type

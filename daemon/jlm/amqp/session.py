@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -91,9 +90,7 @@ class Outgoing:
 
     def properties(self) -> Basic.Properties:
         """The properties as pamqp objects (aiormq's own publish path)."""
-        props = Basic.Properties()
-        props.unmarshal(struct.unpack(">H", self.header[:2])[0], self.header[2:])
-        return props
+        return lean.decoded(self.header)
 
 
 async def raw_channel(channel: AbstractChannel | None) -> aiormq.Channel:
@@ -142,13 +139,9 @@ class AmqpSession:
         try:
             await self._setup(conn)
             self._lean_publish = await self.lean_channel(self._publish_ch)
-            writer = self._writer()
-            if (
-                self.lean_consume
-                and writer is not None
-                and await self.lean_channel(self._consume_ch)
-            ):
-                self._acks_channel = await raw_channel(self._consume_ch)
+            ready = await self._lean_ready(self._consume_ch) if self.lean_consume else None
+            if ready is not None:
+                self._acks_channel, writer = ready
                 self._acks = lean.Acks(self._acks_channel.number, writer.write, writer.is_closing)
         except Unavailable:
             await self.close()
@@ -163,22 +156,32 @@ class AmqpSession:
         """Open the channels and declare (or look up) what the session uses."""
         raise NotImplementedError
 
-    async def lean_channel(self, channel: AbstractChannel | None) -> lean.LeanChannel | None:
-        """The lean path on a channel of this session; None (after an ERROR naming what is
-        missing) if the AMQP library under it no longer offers what it needs."""
+    async def _lean_ready(
+        self, channel: AbstractChannel | None
+    ) -> tuple[aiormq.Channel, CoalescingWriter] | None:
+        """The aiormq channel under `channel` and the connection's writer, when the lean path can
+        use them; None (after an ERROR naming what is missing) if the AMQP library under it no
+        longer offers what it needs."""
         if channel is None:
             return None
         raw = await raw_channel(channel)
         writer = self._writer()
         gaps = lean.missing(raw) + ([] if writer is not None else ["the coalescing writer"])
-        if gaps:
+        if writer is None or gaps:
             log.error(
-                "the lean AMQP path is not in use (%s lacks %s): publishes take aiormq's slower "
-                "path; jlm is tested with %s (pyproject.toml)",
-                lean.versions(), ", ".join(gaps), "the pinned releases",
+                "the lean AMQP path is not in use (%s lacks %s): AMQP takes aiormq's and "
+                "aio-pika's slower paths; jlm is tested with the releases pyproject.toml pins",
+                lean.versions(), ", ".join(gaps),
             )  # fmt: skip
             return None
-        assert writer is not None
+        return raw, writer
+
+    async def lean_channel(self, channel: AbstractChannel | None) -> lean.LeanChannel | None:
+        """The lean publish path on a channel of this session, or None (`_lean_ready`)."""
+        ready = await self._lean_ready(channel)
+        if ready is None:
+            return None
+        raw, writer = ready
         return lean.LeanChannel(
             raw, writer.write, writer.is_closing, confirm_timeout=CONFIRM_TIMEOUT
         )
