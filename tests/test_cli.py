@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
+import pytest
 import redis.asyncio as aioredis
 from tests.support.daemon import ROOT, DaemonProcess, env_for
 
 from jlm.client import Client
 from jlm.config import Settings
+from jlm.errors import Refused
 
 
 def jlm(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -126,3 +131,31 @@ async def test_sigterm_drains_in_flight_requests_without_loss(
         f"answered before SIGTERM finished: {answered_before}, after restart: "
         f"{2000 - answered_before}"
     )
+
+
+def test_a_defect_ends_the_daemon_with_one_record_and_exit_70(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception no part of the daemon handles is a defect: its traceback is one critical
+    record (the journal keeps it whole) and the exit code is 70, which the unit restarts; a
+    configuration refusal stays 78."""
+    from jlm import cli
+    from jlm.service import Service
+
+    async def broken(self: Service, *, handle_signals: bool = True) -> None:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(Service, "run", broken)
+    with caplog.at_level(logging.INFO, logger="jlm.service"):
+        assert cli._run(settings, argparse.Namespace()) == 70
+    [record] = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert record.getMessage() == "stopped by an unexpected error: RuntimeError: a defect"
+    assert record.exc_info is not None
+    assert record.exc_info[0] is RuntimeError
+
+    async def refused(self: Service, *, handle_signals: bool = True) -> None:
+        async with anyio.create_task_group():
+            raise Refused("login refused at 127.0.0.1:5672 for user 'u'", "rabbitmq")
+
+    monkeypatch.setattr(Service, "run", refused)
+    assert cli._run(settings, argparse.Namespace()) == 78

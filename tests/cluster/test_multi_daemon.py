@@ -26,7 +26,7 @@ from tests.cluster.scopes import (
     manage_requests,
 )
 from tests.cluster.summary import LINES
-from tests.support.daemon import DaemonProcess, daemon_env, metric
+from tests.support.daemon import DaemonProcess, daemon_env, exits, metric
 from tests.support.ledger import account, collect, queue_count, unequal_replies
 from tests.support.services import AMQP_BASE, REDIS_URL
 
@@ -74,7 +74,7 @@ async def test_requested_at_orders_a_scope_across_instances(
             await p.close()
         for d in daemons:
             d.kill()
-    assert codes == [0] * INSTANCES, codes
+    assert codes == [0] * INSTANCES, exits(daemons, codes)
 
     left = await queue_count(url, "jlm.requests")
     evidence = await collect(url, redis_client, namespace, [f"jlm.jobs.{JOB_TYPE}"])

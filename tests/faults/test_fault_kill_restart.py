@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
 from tests.faults.load import Publisher, Sent, manage_request, spread_times
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, exits
 from tests.support.ledger import account, collect, queue_count, unequal_replies
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -104,7 +104,7 @@ async def test_three_daemons_one_killed_again_and_again(
     t = time.monotonic()
     codes = [await d.terminate() for d in daemons]
     print(f"terminate {time.monotonic() - t:.1f}s")
-    assert codes == [0] * INSTANCES, codes
+    assert codes == [0] * INSTANCES, exits(daemons, codes)
     left = await queue_count(amqp_url, "jlm.requests")
     evidence = await collect(amqp_url, shared_redis, namespace, [f"jlm.jobs.{JOB_TYPE}"])
     acc = account(

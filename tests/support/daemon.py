@@ -90,6 +90,15 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def exits(daemons: list[DaemonProcess], codes: list[int]) -> str:
+    """The log tail of each daemon that did not exit 0: what an assertion on the codes shows."""
+    return "\n".join(
+        f"{d.name} exited {code}:\n{d.tail(40)}"
+        for d, code in zip(daemons, codes, strict=True)
+        if code
+    )
+
+
 async def wait_exit(proc: subprocess.Popen[bytes], timeout: float, name: str) -> int:
     """Wait until a process exits (polling: the event loop goes on); its exit code."""
     deadline = time.monotonic() + timeout

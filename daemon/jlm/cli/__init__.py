@@ -13,7 +13,15 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from jlm.cli.output import EX_CONFIG, EX_OK, EX_UNAVAILABLE, EX_USAGE, fail, print_error
+from jlm.cli.output import (
+    EX_CONFIG,
+    EX_OK,
+    EX_SOFTWARE,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    fail,
+    print_error,
+)
 from jlm.cli.parser import build_parser
 
 if TYPE_CHECKING:
@@ -111,10 +119,21 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:  # the service's task group wraps what ends it
         refused = group.subgroup(Refused)
         if refused is None:
-            raise
+            return _defect(group)
         # Logging is set up: the daemon's last word is a record like the others (JSON, journal).
         logging.getLogger("jlm.service").error("cannot start: %s", _first(refused).message)
         return EX_CONFIG
+    except Exception as exc:
+        return _defect(exc)
+
+
+def _defect(exc: BaseException) -> int:
+    """A defect ended the daemon: its traceback as one record like the others (JSON, journal),
+    not loose lines on stderr, and exit 70 (EX_SOFTWARE), which the unit restarts."""
+    logging.getLogger("jlm.service").critical(
+        "stopped by an unexpected error: %s: %s", type(exc).__name__, exc, exc_info=exc
+    )
+    return EX_SOFTWARE
 
 
 def _first(group: BaseExceptionGroup[Refused]) -> Refused:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-EX_OK, EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 2, 69, 78
+EX_OK, EX_ERROR, EX_USAGE, EX_UNAVAILABLE, EX_SOFTWARE, EX_CONFIG = 0, 1, 2, 69, 70, 78
 
 
 def print_error(as_json: bool, code: str, message: str) -> None:
