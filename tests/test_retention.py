@@ -331,12 +331,12 @@ async def test_every_path_that_ends_a_job_counts_toward_the_bound(bounded: Scrip
     pending = await s.enqueue()  # cancel.lua: a pending job
     await s.cancel(pending)
     await ends(pending, "cancelled")
-    running = await s.enqueue()  # cancel.lua: a running job; its stop later counts no more
+    running = await s.enqueue()  # cancel.lua: a running job, counted from its stop (finish.lua)
     run = run_of(await s.claim(running), running)
     await s.cancel(running)
-    await ends(running, "cancelled")
-    assert (await s.finish(run, "stopped")).o == "stopped"
     assert await ended_ids(s) == ended[-KEPT:]
+    assert (await s.finish(run, "stopped")).o == "stopped"
+    await ends(running, "cancelled")
     lost = await s.enqueue()  # claim.lua: a lost run without attempts left
     await s.claim(lost, lease_ms=30)
     await asyncio.sleep(0.06)
@@ -347,11 +347,51 @@ async def test_every_path_that_ends_a_job_counts_toward_the_bound(bounded: Scrip
     successor = await s.enqueue()
     assert (await s.ws.release(run, now(), "released")).o == "cancelled"
     await ends(given_back, "cancelled")
-    await s.claim(successor)  # manage.lua: a running job cancelled by cancel_running
+    # manage.lua: a running job cancelled by cancel_running, counted from its stop
+    run = run_of(await s.claim(successor), successor)
     current = await s.enqueue(cancel_running=True)
+    assert await ended_ids(s) == ended[-KEPT:]
+    assert (await s.finish(run, "stopped")).o == "stopped"
     await ends(successor, "cancelled")
     await s.enqueue()  # manage.lua: a pending job superseded
     await ends(current, "cancelled")
+
+
+@pytest.mark.parametrize("stop", ["finish", "release"])
+async def test_a_job_cancelled_while_running_stays_until_its_stop_is_recorded(
+    bounded: Scripts, stop: str
+) -> None:
+    """A job whose worker still holds its run is not counted, so the bound never deletes it
+    before the stop is recorded on it; from its stop on it counts, as the newest."""
+    s = bounded
+    held = await s.enqueue()
+    run = run_of(await s.claim(held), held)
+    await s.cancel(held)
+    later = [await s.enqueue() for _ in range(2 * KEPT)]  # each supersedes the one before
+    *ended, current = later
+    await assert_kept(s, [held, *ended[-KEPT:]], ended[:-KEPT])
+    assert await ended_ids(s) == ended[-KEPT:]
+    await assert_terminal(s, held, "cancelled")
+    await assert_live(s, current, "pending")
+    if stop == "finish":
+        assert (await s.finish(run, "succeeded", "1")).o == "stopped"
+    else:
+        assert (await s.ws.release(run, now(), "released")).o == "stopped"
+    assert "stopped_at" in await s.job(held)
+    assert await ended_ids(s) == [*ended[-(KEPT - 1) :], held]
+    await assert_kept(s, [*ended[-(KEPT - 1) :], held], ended[: -(KEPT - 1)])
+
+
+async def test_a_cancelled_run_whose_lease_is_over_is_not_held(bounded: Scripts) -> None:
+    """A worker that died while its job was cancelled holds nothing once its lease is over."""
+    s = bounded
+    job = await s.enqueue()
+    await s.claim(job, lease_ms=30)
+    await asyncio.sleep(0.06)
+    await s.cancel(job)
+    later = [await s.enqueue() for _ in range(KEPT + 1)]
+    assert await ended_ids(s) == later[:KEPT]
+    await assert_kept(s, later[:KEPT], [job])
 
 
 async def test_the_bound_recorded_at_the_decision_applies_whoever_ends_the_job(
@@ -425,25 +465,43 @@ async def _bound_step(
         await s.ws.release(runs[job], now(), "r")
 
 
-async def _check_bound(s: Scripts, kept: int, jobs: list[str], ended: list[str]) -> None:
-    """The scope's terminal jobs after a step: the newest `kept`, named by its ended set; `ended`
-    gains the jobs that became terminal in the step."""
-    states = {j: (await s.job(j)).get("state") for j in jobs}
+async def held_runs(s: Scripts, jobs: list[str]) -> set[str]:
+    """The jobs of `jobs` a run still holds: an owner whose lease is not over (Redis time)."""
+    secs, micros = await s.redis.time()
+    now_ms = secs * 1000 + micros // 1000
+    held = set()
     for j in jobs:
-        if j not in ended and states[j] in TERMINAL:
-            ended.append(j)
-        if j not in ended:
+        owner, lease = await s.redis.hmget(s.keys.job(j), "owner", "lease_until")
+        if owner and int(lease or 0) > now_ms:
+            held.add(j)
+    return held
+
+
+async def _check_bound(
+    s: Scripts, kept: int, jobs: list[str], counted: list[str], held_before: set[str]
+) -> set[str]:
+    """The scope's terminal jobs after a step. `counted` gains the jobs counted in it: those that
+    became terminal, and those whose held run stopped. Returns the held runs' jobs now."""
+    states = {j: (await s.job(j)).get("state") for j in jobs}
+    held = await held_runs(s, [j for j in jobs if states[j] in TERMINAL])
+    for j in held_before:
+        assert states[j] is not None, "a job whose run a worker holds is never deleted"
+    for j in jobs:
+        if j not in counted and states[j] in TERMINAL and j not in held:
+            counted.append(j)
+        if j not in counted:
             assert states[j] is not None, "only a terminal job is ever deleted"
-    terminal = {j for j in jobs if states[j] in TERMINAL}
+    terminal = {j for j in jobs if states[j] in TERMINAL and j not in held}
     assert len(terminal) <= kept, "a scope keeps at most max_history_jobs terminal jobs"
-    assert terminal == set(ended[-kept:]), "the newest terminal jobs are the ones kept"
-    for j in ended[:-kept]:
+    assert terminal == set(counted[-kept:]), "the newest terminal jobs are the ones kept"
+    for j in counted[:-kept]:
         assert await s.redis.exists(s.keys.job(j), s.keys.history(j)) == 0
     members = [m.decode() for m in await s.redis.zrange(ended_key(s), 0, -1)]
-    assert members == ended[-kept:]
+    assert members == counted[-kept:]
     current = (await s.redis.hget(s.keys.scope(scope_tag("p", T), "p", T), "job") or b"").decode()
     if states.get(current) in LIVE:
         assert current not in members, "the scope's live job is never in its ended set"
+    return held
 
 
 # A step on one scope: (manage, cancel_running) | (claim, job, lease ms) | (finish, job, outcome) |
@@ -493,12 +551,15 @@ async def _bounded(settings: Settings, ops: list[tuple[Any, ...]]) -> None:
     )
     jobs: list[str] = []
     runs: dict[str, Run] = {}
-    ended: list[str] = []  # jobs in the order they became terminal
+    counted: list[str] = []  # terminal jobs in the order they counted toward the bound
+    held: set[str] = set()  # cancelled jobs whose run a worker holds: not counted yet
     try:
         for n, op in enumerate(ops):
             await _bound_step(s, n, op, jobs, runs)
-            await _check_bound(s, kept, jobs, ended)
-        event(f"terminal jobs deleted: {len(ended) > kept}")
+            held = await _check_bound(s, kept, jobs, counted, held)
+            if held:
+                event("a cancelled job's run held")
+        event(f"terminal jobs deleted: {len(counted) > kept}")
     finally:
         await delete_namespace(redis, namespace)
         await redis.aclose()

@@ -71,6 +71,7 @@ if state == 'cancelled' then
     why = stop_note .. ' (it failed: ' .. value .. ')'
   end
   job_note('cancelled', why)
+  retire(KEYS[1], max_kept, terminal_ttl)  -- held no more: counted now
   f.o = 'stopped'
   return cjson.encode(f)
 end

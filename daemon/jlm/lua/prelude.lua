@@ -43,18 +43,26 @@ end
 -- scope's ended set (`<base>:ended:<cache_prefix>:<job_type>`, same hash tag; member the job id,
 -- score µs since the epoch, Redis TIME) and, while the set holds more than the bound, its oldest
 -- are deleted at once, job hash and history. The set lives `terminal_ttl` from its last addition,
--- as long as its newest member. Counted once however often it is called (ZADD NX). Without a bound
--- (neither recorded nor passed), or for a caller that passes no `terminal_ttl` (a worker written
--- before it: its ended jobs keep `job_ttl`), nothing.
+-- as long as its newest member. Counted once however often it is called (ZADD NX). A job
+-- cancelled while a worker still holds its run (an `owner` whose lease is not over) is not counted
+-- yet, so the bound cannot delete it before its stop is recorded: the script that records the
+-- stop (finish.lua, release.lua) calls this again, and counts it then. Without a bound (neither
+-- recorded nor passed), or for a caller that passes no `terminal_ttl` (a worker written before it:
+-- its ended jobs keep `job_ttl`), nothing.
 local function retire(job, max_kept, terminal_ttl)
   local base, id = string.match(job, '^(.*):job:([^:]+)$')
-  local j = redis.call('HMGET', job, 'cache_prefix', 'job_type', 'max_history')
+  local j = redis.call('HMGET', job, 'cache_prefix', 'job_type', 'max_history', 'owner',
+    'lease_until')
   local bound = tonumber(j[3] or max_kept)
   if not bound or not terminal_ttl or not base or not j[1] or not j[2] then
     return
   end
+  local now_us, now_ms = server_time()
+  if j[4] and tonumber(j[5] or 0) > now_ms then
+    return
+  end
   local ended = base .. ':ended:' .. j[1] .. ':' .. j[2]
-  redis.call('ZADD', ended, 'NX', (server_time()), id)
+  redis.call('ZADD', ended, 'NX', now_us, id)
   redis.call('EXPIRE', ended, terminal_ttl)
   local excess = redis.call('ZCARD', ended) - bound
   if excess > 0 then

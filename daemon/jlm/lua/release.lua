@@ -41,6 +41,7 @@ redis.call('HSET', KEYS[1], 'updated_at', now)
 if state == 'cancelled' then
   redis.call('HSET', KEYS[1], 'stopped_at', now)
   job_note('cancelled', 'stopped by worker')
+  retire(KEYS[1], max_kept, terminal_ttl)  -- held no more: counted now
   f.o = 'stopped'
 elseif j[5] then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'cancel_reason', 'superseded')
