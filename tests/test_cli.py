@@ -153,6 +153,12 @@ def test_a_defect_ends_the_daemon_with_one_record_and_exit_70(
     assert record.exc_info is not None
     assert record.exc_info[0] is RuntimeError
 
+    async def stray_cancel(self: Service, *, handle_signals: bool = True) -> None:
+        raise asyncio.CancelledError  # as aiormq fails the calls of a connection it closes
+
+    monkeypatch.setattr(Service, "run", stray_cancel)
+    assert cli._run(settings, argparse.Namespace()) == 70
+
     async def refused(self: Service, *, handle_signals: bool = True) -> None:
         async with anyio.create_task_group():
             raise Refused("login refused at 127.0.0.1:5672 for user 'u'", "rabbitmq")

@@ -219,6 +219,10 @@ class AmqpSession:
                     await self._consume_queue.cancel(tag)
             except (AMQPError, OSError, RuntimeError) as exc:
                 log.debug("cancel consumer: %s", exc)
+            except asyncio.CancelledError:
+                if cancelled_here():
+                    raise
+                log.debug("cancel consumer: the connection failed the call")
 
     @property
     def consuming(self) -> bool:
@@ -353,4 +357,8 @@ class AmqpSession:
                 await self.connection.close()
             except (AMQPError, OSError, RuntimeError) as exc:
                 log.debug("close: %s", exc)
+            except asyncio.CancelledError:
+                if cancelled_here():
+                    raise
+                log.debug("close: the connection failed the call")
         self.closed.set()

@@ -102,6 +102,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+
     from jlm import logs
     from jlm.cli.aio import asyncio_run
     from jlm.errors import Refused
@@ -123,7 +125,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
         # Logging is set up: the daemon's last word is a record like the others (JSON, journal).
         logging.getLogger("jlm.service").error("cannot start: %s", _first(refused).message)
         return EX_CONFIG
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:  # a cancellation nobody asked for too
         return _defect(exc)
 
 
