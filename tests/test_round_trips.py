@@ -14,6 +14,10 @@ from tests.support.services import start_daemon
 
 from jlm.client import Client
 from jlm.config import Settings
+from jlm.due import DueSets
+from jlm.keys import DUE_SLOTS, Keys, due_slot
+from jlm.metrics import Metrics
+from jlm.store import Store, connect
 
 REQUESTS = 1000
 
@@ -79,6 +83,42 @@ async def test_a_manage_request_is_one_evalsha(
     )
     assert manage_calls == REQUESTS
     # The other EVALSHA: the monitor's probe (one `result` script call a second) and the
-    # scheduler's sweeps of the due sets (one `take_due` call per set and sweep; nothing is due).
+    # scheduler's sweeps of the due sets (one `take_due` call a sweep; nothing is due).
     assert REQUESTS + sweeps <= delta.get("evalsha", 0) <= REQUESTS + sweeps + 60
     assert delta.get("eval", 0) == 0  # never the script's text again
+
+
+async def test_a_sweep_of_every_due_set_is_one_evalsha_on_one_redis(
+    tmp_path: Path, namespace: str
+) -> None:
+    """The scheduler's pass over the 16 due sets: one call, idle or not, each set's due entries
+    (and only those) taken by slot."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    store = Store(connect(server.url), Keys(namespace), Metrics(process=False))
+    redis = aioredis.Redis.from_url(server.url)
+    try:
+        due = DueSets(store, 3600)
+        assert due.one_call
+        await due.take_all(50, 10_000)  # the script loaded
+        ids = [f"{i:010d}-{i:032x}" for i in range(40)]
+        slots = {due_slot(i) for i in ids}
+        assert len(slots) > 1
+        for job_id in ids[:30]:
+            await due.add(job_id, 1)  # long due
+        for job_id in ids[30:]:
+            await due.add(job_id, 2**50)  # not due for ages
+        before = await _commandstats(redis)
+        taken = await due.take_all(50, 10_000)
+        idle = await due.take_all(50, 10_000)
+        after = await _commandstats(redis)
+    finally:
+        await store.close()
+        await redis.aclose()
+        server.stop()
+    assert after["evalsha"] - before["evalsha"] == 2
+    assert len(taken) == len(idle) == DUE_SLOTS
+    assert sorted(i for ids in taken for i in ids) == sorted(ids[:30])
+    for slot, got in enumerate(taken):
+        assert all(due_slot(i) == slot for i in got)
+    assert idle == [[]] * DUE_SLOTS  # taken entries are leased, the others not due

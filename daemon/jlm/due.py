@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
 
 from jlm.config import JobTypeConfig
 from jlm.errors import InvalidRequest
-from jlm.keys import due_slot
+from jlm.keys import DUE_SLOTS, due_slot
 from jlm.protocol import JobMessage, ManageRequest, iso, micros, parse_time
 from jlm.store import HISTORY_BOUND, Store
 
@@ -77,11 +78,27 @@ class DueSets:
         due = self._keys.due(due_slot(job_id))
         await self._store.run("add_due", [due], [job_id, due_ms])
 
+    @property
+    def one_call(self) -> bool:
+        """Whether every due set can be taken from in one call (`take_all`): one Redis, where a
+        script may touch keys of any slot."""
+        return not isinstance(self._store.client, RedisCluster)
+
     async def take(self, slot: int, limit: int, lease_ms: int) -> list[str]:
         """take_due.lua: up to `limit` due job ids of one due set, leased to this caller."""
         k = self._keys
-        ids = await self._store.run("take_due", [k.due(slot), k.due_taken(slot)], [limit, lease_ms])
+        [ids] = await self._store.run(
+            "take_due", [k.due(slot), k.due_taken(slot)], [limit, lease_ms]
+        )
         return [i.decode() for i in ids]
+
+    async def take_all(self, limit: int, lease_ms: int) -> list[list[str]]:
+        """take_due.lua over every due set in one call (one Redis only: `one_call`): up to
+        `limit` due job ids of each, by slot."""
+        k = self._keys
+        keys = [key for slot in range(DUE_SLOTS) for key in (k.due(slot), k.due_taken(slot))]
+        taken = await self._store.run("take_due", keys, [limit, lease_ms])
+        return [[i.decode() for i in ids] for ids in taken]
 
     async def promote(self, job_id: str, lease_ms: int) -> Promotion:
         """promote.lua: a taken job becomes pending if due (its job message is built here)."""

@@ -1,12 +1,13 @@
 """The scheduler inside each daemon: scheduled jobs are published once due, each by one daemon.
 
 Every daemon sweeps every due set (`keys.due`) a few times a second. `take_due.lua` moves the due
-entries of one set to its taken set under a lease, atomically, so two daemons never take the same
-entry while its lease runs. For each entry taken, `promote.lua` makes the job pending in its own
-slot (if it is still scheduled and due), the job message and its `job.enqueued` event are
-published with confirms, and `settle_due.lua` drops the entry. A daemon killed anywhere in between
-leaves the entry taken: once its lease expires another daemon takes it, and publishes it again if
-it might not have left (a worker claims a job once, so a second message is harmless).
+entries of the sets (all of them in one call on one Redis) to their taken sets under a lease,
+atomically, so two daemons never take the same entry while its lease runs. For each entry taken,
+`promote.lua` makes the job pending in its own slot (if it is still scheduled and due), the job
+message and its `job.enqueued` event are published with confirms, and `settle_due.lua` drops the
+entry. A daemon killed anywhere in between leaves the entry taken: once its lease expires another
+daemon takes it, and publishes it again if it might not have left (a worker claims a job once, so
+a second message is harmless).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -103,14 +104,23 @@ class Scheduler:
                 await anyio.sleep(TICK)
 
     async def sweep(self, broker: Broker) -> bool:
-        """One pass over every due set, the sets at once; True if a set had a full batch due."""
-        results = await asyncio.gather(
-            *(self._sweep_set(broker, slot) for slot in range(DUE_SLOTS)), return_exceptions=True
-        )
+        """One pass over every due set, the sets at once; True if a set had a full batch due.
+
+        On one Redis the sets are taken from in one call (an idle pass is one round trip); on a
+        Redis Cluster one call per set, so that a set whose node is down holds back no other."""
+        full = False
+        work: list[Awaitable[object]]
+        if self._due.one_call:
+            taken = await self._due.take_all(BATCH, LEASE_MS)
+            full = any(len(ids) == BATCH for ids in taken)
+            work = [self._publish(broker, slot, ids) for slot, ids in enumerate(taken) if ids]
+        else:
+            work = [self._sweep_set(broker, slot) for slot in range(DUE_SLOTS)]
+        results = await asyncio.gather(*work, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return any(results)
+        return full or any(r is True for r in results)
 
     async def _sweep_set(self, broker: Broker, slot: int) -> bool:
         ids = await self._due.take(slot, BATCH, LEASE_MS)
