@@ -18,6 +18,7 @@ import anyio
 
 from jlm import __version__
 from jlm.amqp.names import REQUESTS
+from jlm.amqp.session import CLOSE_TIMEOUT
 from jlm.broker import Broker
 from jlm.config import Settings, redact_url
 from jlm.dispatch import Dispatcher
@@ -212,17 +213,21 @@ class Service:
         timeout = self.settings.shutdown_timeout
         self.notifier.stopping(f"draining {self.requests.inflight} in-flight requests")
         # Ask systemd for the drain's time (plus a margin for closing) beyond its stop timeout.
-        self.notifier.extend_timeout(timeout + 5)
-        await broker.stop_consuming()
-        self._update_health()
+        self.notifier.extend_timeout(timeout + CLOSE_TIMEOUT)
         log.info("draining: %d requests in flight, up to %.0fs", self.requests.inflight, timeout)
+        # The whole drain, the consumer's cancel included: on a connection gone silent that
+        # cancel waits until aiormq gives the connection up (3 heartbeats), far past the bound.
         with anyio.move_on_after(timeout) as scope:
+            await broker.stop_consuming()
+            self._update_health()
             await self.requests.idle.wait()
-        if scope.cancelled_caught:
+        if scope.cancelled_caught and self.requests.inflight:
             log.warning(
                 "drain timed out with %d in flight; they will be redelivered",
                 self.requests.inflight,
             )
+        elif scope.cancelled_caught:
+            log.warning("drain timed out: the broker did not answer within %.0fs", timeout)
         await broker.close()
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:

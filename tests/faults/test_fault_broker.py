@@ -19,9 +19,11 @@ import redis.asyncio as aioredis
 from tests.faults.conftest import DaemonFactory
 from tests.faults.load import Publisher, manage_request
 from tests.faults.proxy import Proxy
-from tests.support.daemon import DaemonProcess, metric
+from tests.support.daemon import DaemonProcess, exits, metric
 from tests.support.ledger import account, collect, queue_count, unequal_replies
 from tests.support.services import AMQP_BASE
+
+from jlm.amqp.session import CLOSE_TIMEOUT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -126,3 +128,29 @@ async def test_broker_connection_reset_and_blackholed(
         assert sign not in logs, sign
     # Two heartbeats, plus the probe's period (1 s) and some slack for a loaded machine.
     assert stall_detect <= 2 * HEARTBEAT + 2, "a stalled connection was not noticed in time"
+
+
+async def test_sigterm_while_the_broker_connection_stalls_still_exits_0(
+    spawn: DaemonFactory, proxy: Proxy, *, vhost: str
+) -> None:
+    """SIGTERM just after the connection went silent (heartbeat 10 s, as by default). The
+    drain's consumer cancel waits on the stalled connection: the drain's bound ends it, where it
+    used to wait until aiormq gave the connection up (33 s, past systemd's stop timeout) and then
+    exit 1 with the CancelledError aiormq fails such calls with. The daemon exits 0 within its
+    shutdown timeout plus the close's bound, with nothing critical in its log."""
+    shutdown = 6
+    daemon = spawn(
+        "d", proxied(proxy, vhost), JLM_HEARTBEAT="10", JLM_SHUTDOWN_TIMEOUT=str(shutdown)
+    ).start()
+    await daemon.wait_ready()
+    assert proxy.blackhole() >= 1
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    code = await daemon.terminate(timeout=60)
+    took = time.monotonic() - started
+    print(f"\nexit {code} {took:.1f}s after SIGTERM on a stalled connection")
+    assert code == 0, exits([daemon], [code])
+    logs = daemon.log_text()
+    assert "stopped by an unexpected error" not in logs
+    assert f"drain timed out: the broker did not answer within {shutdown}s" in logs
+    assert took < shutdown + CLOSE_TIMEOUT + 3, "the drain outlived its bound"

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Longest wait for a publisher confirm; a persistent message is normally confirmed in ms.
 CONFIRM_TIMEOUT = 30.0
+# Longest wait for the broker's answer to a connection close (a silent connection never answers).
+CLOSE_TIMEOUT = 5.0
 
 Callback = Callable[[lean.Incoming], Awaitable[None]]
 
@@ -354,8 +356,9 @@ class AmqpSession:
     async def close(self) -> None:
         if self.connection is not None and not self.connection.is_closed:
             try:
-                await self.connection.close()
-            except (AMQPError, OSError, RuntimeError) as exc:
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self.connection.close()
+            except (AMQPError, OSError, RuntimeError) as exc:  # TimeoutError is an OSError
                 log.debug("close: %s", exc)
             except asyncio.CancelledError:
                 if cancelled_here():
