@@ -29,7 +29,7 @@ from jlm.amqp import lean
 from jlm.amqp.connect import why
 from jlm.amqp.lean import Incoming
 from jlm.amqp.names import DEAD, EVENTS, JOBS, JSON, PROVENANCE, REQUESTS
-from jlm.amqp.session import AmqpSession, Callback, Outgoing, cancelled_here, raw_channel
+from jlm.amqp.session import AmqpSession, Callback, Outgoing, failure_ends_it, raw_channel
 from jlm.config import Settings
 from jlm.errors import QueueRefused, Unavailable, bounded
 from jlm.metrics import Metrics
@@ -339,19 +339,15 @@ class Broker(AmqpSession):
             return depths
         ch: AbstractChannel | None = None
         try:
-            for name in names:
-                if ch is None or ch.is_closed:
-                    ch = await self.connection.channel()
-                try:
-                    q = await ch.declare_queue(name, passive=True)
-                except ChannelNotFoundEntity:
-                    continue
-                depths[name] = q.declaration_result.message_count or 0
-        except (AMQPError, OSError, RuntimeError):
-            pass
-        except asyncio.CancelledError:
-            if cancelled_here():
-                raise
+            with failure_ends_it("queue depths"):
+                for name in names:
+                    if ch is None or ch.is_closed:
+                        ch = await self.connection.channel()
+                    try:
+                        q = await ch.declare_queue(name, passive=True)
+                    except ChannelNotFoundEntity:
+                        continue
+                    depths[name] = q.declaration_result.message_count or 0
         finally:
             if ch is not None and not ch.is_closed:
                 with contextlib.suppress(AMQPError, OSError, RuntimeError):
@@ -367,14 +363,11 @@ class Broker(AmqpSession):
         """
         if self._reply_ch is None or self.closed.is_set():
             return
-        try:
-            async with asyncio.timeout(timeout):
-                await self._reply_ch.set_qos(prefetch_count=0)
-        except TimeoutError:
-            log.warning("no answer from the broker in %.0fs: connection stalled", timeout)
-            self.closed.set()
-        except (AMQPError, OSError, RuntimeError):
-            pass  # a failed connection reports itself through its close callback
-        except asyncio.CancelledError:
-            if cancelled_here():
-                raise
+        # A failed connection reports itself through its close callback.
+        with failure_ends_it("probe"):
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._reply_ch.set_qos(prefetch_count=0)
+            except TimeoutError:
+                log.warning("no answer from the broker in %.0fs: connection stalled", timeout)
+                self.closed.set()

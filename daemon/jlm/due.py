@@ -8,6 +8,7 @@ crash in between leaves the request to be redelivered, and its replay adds the e
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -86,17 +87,17 @@ class DueSets:
 
     async def take(self, slot: int, limit: int, lease_ms: int) -> list[str]:
         """take_due.lua: up to `limit` due job ids of one due set, leased to this caller."""
-        k = self._keys
-        [ids] = await self._store.run(
-            "take_due", [k.due(slot), k.due_taken(slot)], [limit, lease_ms]
-        )
-        return [i.decode() for i in ids]
+        [ids] = await self._take([slot], limit, lease_ms)
+        return ids
 
     async def take_all(self, limit: int, lease_ms: int) -> list[list[str]]:
         """take_due.lua over every due set in one call (one Redis only: `one_call`): up to
         `limit` due job ids of each, by slot."""
+        return await self._take(range(DUE_SLOTS), limit, lease_ms)
+
+    async def _take(self, slots: Iterable[int], limit: int, lease_ms: int) -> list[list[str]]:
         k = self._keys
-        keys = [key for slot in range(DUE_SLOTS) for key in (k.due(slot), k.due_taken(slot))]
+        keys = [key for slot in slots for key in (k.due(slot), k.due_taken(slot))]
         taken = await self._store.run("take_due", keys, [limit, lease_ms])
         return [[i.decode() for i in ids] for ids in taken]
 

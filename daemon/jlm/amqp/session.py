@@ -4,8 +4,9 @@ publishes: the daemon's `Broker` and the worker's `WorkerBroker` are two kinds o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -111,6 +112,21 @@ def cancelled_here() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+@contextlib.contextmanager
+def failure_ends_it(what: str) -> Iterator[None]:
+    """Around a broker call whose failure only ends it: the AMQP library's errors, and the
+    CancelledError aiormq fails a given-up connection's calls with, are logged at debug; a
+    cancellation of this task itself goes on."""
+    try:
+        yield
+    except (AMQPError, OSError, RuntimeError) as exc:
+        log.debug("%s: %s", what, exc)
+    except asyncio.CancelledError:
+        if cancelled_here():
+            raise
+        log.debug("%s: the connection failed the call", what)
+
+
 class AmqpSession:
     """One AMQP connection with a consumer and a confirmed publish channel; the daemon's `Broker`
     and the worker's `WorkerBroker` are two kinds of it."""
@@ -214,17 +230,11 @@ class AmqpSession:
     async def stop_consuming(self) -> None:
         if self._consume_queue is not None and self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-            try:
+            with failure_ends_it("cancel consumer"):
                 if self._acks_channel is not None:
                     await self._acks_channel.basic_cancel(tag)
                 else:
                     await self._consume_queue.cancel(tag)
-            except (AMQPError, OSError, RuntimeError) as exc:
-                log.debug("cancel consumer: %s", exc)
-            except asyncio.CancelledError:
-                if cancelled_here():
-                    raise
-                log.debug("cancel consumer: the connection failed the call")
 
     @property
     def consuming(self) -> bool:
@@ -355,13 +365,7 @@ class AmqpSession:
 
     async def close(self) -> None:
         if self.connection is not None and not self.connection.is_closed:
-            try:
+            with failure_ends_it("close"):  # its TimeoutError too: an OSError
                 async with asyncio.timeout(CLOSE_TIMEOUT):
                     await self.connection.close()
-            except (AMQPError, OSError, RuntimeError) as exc:  # TimeoutError is an OSError
-                log.debug("close: %s", exc)
-            except asyncio.CancelledError:
-                if cancelled_here():
-                    raise
-                log.debug("close: the connection failed the call")
         self.closed.set()
